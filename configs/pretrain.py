@@ -1,0 +1,171 @@
+"""Pre-training configs: `get_config('tiny')` (laptop CPU) and `get_config('base')` (paper).
+
+Every value the E2E-VLP paper (Xu et al., ACL 2021) does not state carries a comment with
+the source of its default: DETR (Carion et al., 2020), BERT-base, or "assumed".
+
+Use: `python launch/train.py --config configs/pretrain.py:base --config.optim.lr=1e-4`.
+"""
+
+import ml_collections
+
+VARIANTS = ('tiny', 'base')
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+  """The architecture; shared by every task config (fine-tuning adds heads, not changes)."""
+  m = ml_collections.ConfigDict()
+  m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+  m.remat = False  # rematerialize each transformer layer in the backward pass
+  m.scan_layers = False  # nn.scan over identical layers (faster compile for deep stacks)
+
+  b = m.backbone = ml_collections.ConfigDict()
+  b.frozen_bn = True  # DETR: BatchNorm statistics and affine are frozen
+  b.dilation = False  # True: last stage dilated, output stride 16 (DETR-DC5)
+  # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (output stride 32);
+  # 'small': one 3x3/2 conv, no pool (output stride 16, for small images).
+  b.stem = 'imagenet'
+
+  if variant == 'tiny':
+    b.block = 'basic'
+    b.stage_sizes = (1, 1, 1, 1)
+    b.width = 32  # channels of stage 1; doubled at each later stage (assumed)
+    b.stem = 'small'  # 96x96 images -> 6x6 grid; the ImageNet stem would give 3x3
+    m.d_model = 128
+    m.num_heads = 4
+    m.mlp_dim = 512
+    m.encoder_layers = 2
+    m.decoder_layers = 3
+    m.caption_decoder_layers = 2
+    m.share_decoder = False  # separate caption decoder learns faster at this size
+    m.dropout = 0.0
+    m.attention_dropout = 0.0
+    m.num_queries = 20
+    m.vocab_size = 512  # sentencepiece vocabulary trained on the embedded corpus
+    m.max_text_len = 32  # size of the text position table
+    m.num_classes = 6
+    m.num_attributes = 12  # 6 colours + 2 sizes, padded (assumed)
+    m.reference_points = True  # convergence aid, see README "Convergence aids"
+    m.cell_class_head = True  # per-grid-cell class logits for an auxiliary encoder loss
+  elif variant == 'base':
+    b.block = 'bottleneck'
+    b.stage_sizes = (3, 4, 6, 3)  # ResNet-50, the paper's backbone
+    b.width = 64
+    m.d_model = 768  # paper: BERT-base width
+    m.num_heads = 12  # paper
+    m.mlp_dim = 3072  # BERT-base
+    m.encoder_layers = 6  # paper compares 6 and 12; 6 is its ResNet-50 setting
+    m.decoder_layers = 6  # paper / DETR
+    m.caption_decoder_layers = 6  # used only when share_decoder is False
+    m.share_decoder = True  # paper: one decoder for detection and captioning
+    m.dropout = 0.1  # BERT-base / DETR
+    m.attention_dropout = 0.1  # BERT-base
+    m.num_queries = 100  # DETR
+    m.vocab_size = 30522  # BERT-base uncased WordPiece
+    m.max_text_len = 512  # BERT-base position table
+    m.num_classes = 1600  # Visual Genome object vocabulary (Anderson et al. 2018)
+    m.num_attributes = 400  # Visual Genome attribute vocabulary
+    m.reference_points = False  # the paper's plain DETR queries
+    m.cell_class_head = False
+  else:
+    raise ValueError(f'Unknown variant {variant!r}; use one of {VARIANTS}.')
+  m.type_vocab_size = 2  # BERT: token types; images use a separate modality embedding
+  m.layer_norm_eps = 1e-12  # BERT
+  m.box_head_layers = 3  # DETR
+  m.max_caption_len = m.max_text_len
+  return m
+
+
+def data_config(variant: str) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.dataset = 'embedded'  # 'embedded' | 'coco_captions' | 'coco_instances' | 'visual_genome'
+  d.data_dir = ''  # TFDS data dir; '' -> <cache>/tfds (the embedded corpus is built there)
+  d.manual_dir = ''  # raw files; '' -> the embedded corpus is generated into <cache>/raw
+  d.train_split = 'train'
+  d.eval_split = 'val'
+  d.tokenizer = ''  # sentencepiece .model or BERT vocab.txt; '' -> trained on first use
+  d.max_boxes = 8 if variant == 'tiny' else 100  # targets padded to this count (assumed)
+  d.max_text_len = 24 if variant == 'tiny' else 40  # encoder text incl. [CLS]/[SEP] (assumed)
+  d.max_caption_len = 24 if variant == 'tiny' else 40  # decoder tokens incl. [BOS]/[EOS]
+  d.image_size = 96 if variant == 'tiny' else 800  # padded canvas side (DETR: 800)
+  # Random shorter-side resize choices; DETR uses 480..800 in steps of 32.
+  d.resize_sizes = (80, 88, 96) if variant == 'tiny' else tuple(range(480, 801, 32))
+  d.max_size = 96 if variant == 'tiny' else 1333  # longer-side cap (DETR)
+  d.hflip_prob = 0.5  # DETR
+  d.crop_prob = 0.0 if variant == 'tiny' else 0.5  # DETR's random crop
+  d.mlm_prob = 0.15  # BERT
+  d.itm_neg_prob = 0.5  # paper
+  d.shuffle_buffer = 4096
+  d.seed = 0
+  d.corpus_train_images = 20000  # size of the embedded corpus' train split
+  d.corpus_val_images = 500
+  return d
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  variant = arg or 'tiny'
+  config = ml_collections.ConfigDict()
+  config.task = 'pretrain'
+  config.variant = variant
+  config.model = model_config(variant)
+  config.data = data_config(variant)
+
+  loss = config.loss = ml_collections.ConfigDict()
+  loss.mlm = 1.0  # assumed: the paper sums the task losses
+  loss.itm = 1.0
+  loss.detection = 1.0
+  loss.caption = 1.0
+  loss.cell_class = 1.0 if variant == 'tiny' else 0.0  # convergence aid (needs cell_class_head)
+  loss.mlm_on_negatives = False  # MLM only on matched pairs (UNITER)
+  loss.label_smoothing = 0.0  # caption LM
+  det = loss.det = ml_collections.ConfigDict()
+  det.cost_class = 1.0  # DETR matching cost weights
+  det.cost_bbox = 5.0
+  det.cost_giou = 2.0
+  det.loss_ce = 1.0  # DETR loss weights
+  det.loss_bbox = 5.0
+  det.loss_giou = 2.0
+  det.loss_attr = 1.0  # assumed
+  det.eos_coef = 0.1  # DETR no-object class weight
+  det.aux_loss = True  # DETR: the same loss on every decoder layer
+  det.matcher = 'hungarian'  # 'hungarian' (in-graph, jittable) | 'scipy' (host callback)
+
+  o = config.optim = ml_collections.ConfigDict()
+  o.lr = 1e-3 if variant == 'tiny' else 1e-4  # DETR 1e-4 for the transformer
+  o.weight_decay = 1e-4  # DETR
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.warmup_steps = 200 if variant == 'tiny' else 10000  # assumed
+  o.schedule = 'cosine'  # 'cosine' | 'linear' | 'constant'
+  o.end_lr_factor = 0.01 if variant == 'tiny' else 0.0
+  o.clip_norm = 0.1  # DETR
+  # (regex on the '/'-joined parameter path, multiplier); first match wins.
+  o.lr_mults = (('backbone/.*', 1.0 if variant == 'tiny' else 0.1),)  # DETR: backbone 0.1x
+  # DETR: stem and first stage frozen (torchvision names: conv1, bn1, layer1).
+  o.frozen = () if variant == 'tiny' else (r'backbone/(conv1|layer1_\d+)/.*',)
+  o.no_decay = (r'.*(bias|scale|embedding|pos_embed|LayerNorm.*)$',)
+  o.grad_accum_steps = 1
+
+  mesh = config.mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by the other axes
+  mesh.fsdp = 1
+  mesh.model = 1
+  config.sharding = 'dp'  # 'dp' | 'fsdp' | 'tp' | 'fsdp_tp'; see e2e_vlp/train/sharding.py
+
+  t = config.train = ml_collections.ConfigDict()
+  t.batch_size = 32 if variant == 'tiny' else 256  # global batch (assumed)
+  t.total_steps = 2000 if variant == 'tiny' else 300000  # assumed
+  t.seed = 0
+  t.log_every = 50
+  t.eval_every = 500 if variant == 'tiny' else 5000
+  t.eval_batches = 8 if variant == 'tiny' else 100
+  t.checkpoint_every = 500 if variant == 'tiny' else 5000
+  t.keep_checkpoints = 3
+  t.max_consecutive_nonfinite = 5
+  t.peak_flops = 0.0  # per device; 0 -> not reported (set for MFU, e.g. 1.97e14 for v4)
+  t.num_visualize = 4  # eval images drawn with boxes and captions into the workdir
+
+  config.init_from = ''  # a checkpoint dir: load matching parameters, report the rest
+  config.workdir = ''  # '' -> workdirs/<task>_<variant>
+  config.cache_dir = ''  # '' -> $E2E_VLP_CACHE or ~/.cache/e2e_vlp
+  return config
