@@ -1,0 +1,133 @@
+"""Orbax checkpoints of the train state plus each host's data-iterator state.
+
+A step directory holds two items: `state` (the sharded TrainState, written by every host
+in parallel, asynchronously) and `data` (one opaque blob per process: the tf.data
+iterator, so a resumed run sees exactly the batches it would have seen). Orbax writes a
+step into a temporary directory and renames it when complete, so a step that exists is
+whole; a step that is present but unreadable (a truncated file, a deleted shard) is
+skipped on restore in favour of the previous one, and the reason is logged.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Saves one bytes blob per process as `process_<i>.bin`."""
+
+  def save(self, directory: epath.Path, args: 'DataStateSave'):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f'process_{jax.process_index()}.bin').write_bytes(args.blob)
+
+  def restore(self, directory: epath.Path, args: 'DataStateRestore | None' = None) -> bytes:
+    path = directory / f'process_{jax.process_index()}.bin'
+    if not path.exists():
+      raise FileNotFoundError(
+          f'{path} is missing: this checkpoint was written by a run with fewer processes; '
+          'resume with the same number of processes or start the data afresh.')
+    return path.read_bytes()
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  blob: bytes
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+class Checkpointer:
+  """Keeps the last `keep` steps under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True),
+        item_names=('state', 'data'),
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': DataStateHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: bytes | None = None, *,
+           force: bool = False) -> bool:
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_state is not None:
+      items['data'] = DataStateSave(data_state)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore_latest(self, abstract_state: Any, *, with_data: bool = True
+                     ) -> tuple[int, Any, bytes | None] | None:
+    """The newest readable step as (step, state, data blob); None when there is none."""
+    for step in reversed(self.all_steps()):
+      try:
+        return (step,) + self.restore(step, abstract_state, with_data=with_data)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint at step %d in %s cannot be restored (%s: %s); '
+                        'falling back to the previous one.', step, self.directory,
+                        type(e).__name__, e)
+    return None
+
+  def restore(self, step: int, abstract_state: Any, *, with_data: bool = True
+              ) -> tuple[Any, bytes | None]:
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    has_data = with_data and (self.directory / str(step) / 'data').exists()
+    if has_data:
+      items['data'] = DataStateRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state'], (restored['data'] if has_data else None)
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def load_params(path: str) -> tuple[int, dict[str, Any]]:
+  """Parameters of the newest readable checkpoint under a workdir or checkpoints dir.
+
+  Restored as host numpy arrays (replicated), for `init_from` and export.
+  """
+  directory = epath.Path(path)
+  if (directory / 'checkpoints').exists():
+    directory = directory / 'checkpoints'
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint found under {path}.')
+  errors = []
+  for step in reversed(steps):
+    try:
+      metadata = manager.item_metadata(step)['state']
+      target = jax.tree.map(
+          lambda m: ocp.RestoreArgs(restore_type=np.ndarray), metadata,
+          is_leaf=lambda m: hasattr(m, 'shape'))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(item=None, restore_args=target)))
+      return step, {'params': restored['state']['params'],
+                    'constants': restored['state'].get('constants', {})}
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f'step {step}: {type(e).__name__}: {e}')
+      logging.warning('Cannot read checkpoint step %d under %s: %s', step, path, e)
+  raise ValueError(f'No readable checkpoint under {path}: ' + '; '.join(errors))

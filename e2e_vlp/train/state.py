@@ -1,0 +1,145 @@
+"""The train state, created directly in its sharded layout, and the jitted update step.
+
+Shardings come from the logical axis names the model puts on its parameters
+(`jax.eval_shape` of the init: nothing is materialised to find them), mapped to the mesh by
+the strategy's rules. The whole state, step counter included, is created by one
+`jax.jit(init, out_shardings=...)`, so no leaf ends up on a single device.
+"""
+
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from e2e_vlp.train import mesh as mesh_lib
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32, batches consumed (skipped updates included)
+  params: Any  # trainable parameters
+  constants: Any  # non-trainable variables, e.g. {'batch_stats': frozen BatchNorm}
+  opt_state: Any
+  skipped: jax.Array  # [] int32, updates skipped because loss or gradients were not finite
+
+
+def strip_boxes(tree: Any) -> Any:
+  """Unboxes logical-partitioning metadata without adding sharding constraints.
+
+  (`nn.meta.unbox` constrains each value to its sharding, which needs a traced value.)
+  """
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False)
+                      if isinstance(x, nn.meta.AxisMetadata) else x,
+                      tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  variables = dict(variables)
+  return variables.pop('params'), variables
+
+
+def state_shardings(init_variables: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                    mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings) from the logical names of `init_variables(rng)`'s output."""
+  boxed = jax.eval_shape(init_variables, jax.random.key(0))
+  specs = nn.get_partition_spec(boxed)
+  var_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  variables = strip_boxes(boxed)
+  params, constants = split_variables(variables)
+  param_shardings, const_shardings = split_variables(var_shardings)
+  opt_state = jax.eval_shape(tx.init, params)
+  replicated = NamedSharding(mesh, P())
+  opt_shardings = optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        constants=constants, opt_state=opt_state,
+                        skipped=jax.ShapeDtypeStruct((), jnp.int32))
+  shardings = TrainState(step=replicated, params=param_shardings, constants=const_shardings,
+                         opt_state=opt_shardings, skipped=replicated)
+  return abstract, shardings
+
+
+def create_train_state(init_variables: Callable[[jax.Array], Any],
+                       tx: optax.GradientTransformation, rng: jax.Array,
+                       shardings: TrainState) -> TrainState:
+  """Initialises parameters and optimizer state in place on the mesh."""
+
+  def init(rng):
+    params, constants = split_variables(nn.meta.unbox(init_variables(rng)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, constants=constants,
+                      opt_state=tx.init(params), skipped=jnp.zeros((), jnp.int32))
+
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [k, B/k, ...] taking every k-th row, so each device keeps its own rows."""
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return {key: split(value) for key, value in batch.items()}
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
+                    seed: int = 0) -> Callable[[TrainState, dict[str, jax.Array]],
+                                               tuple[TrainState, dict[str, jax.Array]]]:
+  """`step(state, batch) -> (state, metrics)`; jit it with the state's shardings.
+
+  `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. The dropout key is derived
+  from the seed and the step, so a resumed run draws exactly the same randomness. A step
+  whose loss or gradients are not finite leaves parameters and optimizer state unchanged
+  and increments `state.skipped`.
+  """
+  base_key = jax.random.key(seed)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def compute_grads(params, constants, batch, rng):
+    if grad_accum_steps == 1:
+      return grad_fn(params, constants, batch, rng)
+
+    def body(carry, inputs):
+      micro, index = inputs
+      out = grad_fn(params, constants, micro, jax.random.fold_in(rng, index))
+      return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = jax.eval_shape(grad_fn, params, constants,
+                           jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum_steps)),
+                           rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    total, _ = jax.lax.scan(body, zeros, (_microbatches(batch, grad_accum_steps),
+                                          jnp.arange(grad_accum_steps)))
+    return jax.tree.map(lambda x: x / grad_accum_steps, total)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_key, state.step)
+    (loss, metrics), grads = compute_grads(state.params, state.constants, batch, rng)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   learning_rate=schedule(state.step), nonfinite=(~finite).astype(jnp.int32))
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step, shardings: TrainState, mesh: Mesh, batch_spec: Mapping[str, Any]):
+  """The step jitted with explicit in/out shardings and the state donated."""
+  batch_shardings = {k: mesh_lib.batch_sharding(mesh, len(v.shape)) for k, v in batch_spec.items()}
+  return jax.jit(step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, NamedSharding(mesh, P())),
+                 donate_argnums=(0,))

@@ -1,0 +1,43 @@
+r"""Trains E2E-VLP. With no arguments: pre-trains `tiny` on the embedded corpus.
+
+  python launch/train.py
+  python launch/train.py --config configs/pretrain.py:base --workdir /ckpt/run1
+  python launch/train.py --config configs/vqa.py --config.init_from workdirs/pretrain_tiny
+  python launch/train.py --config.optim.lr=3e-4 --config.train.total_steps=500
+
+Re-running with the same workdir resumes from its newest checkpoint.
+"""
+
+import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from e2e_vlp.train import distributed
+from e2e_vlp.train import loop
+
+config_flags.DEFINE_config_file(
+    'config', os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
+    'A config file, optionally with an argument: configs/pretrain.py:base.',
+    lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs; default '
+                    'workdirs/<task>_<variant>.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  distributed.initialize_from_environment(f.coordinator_address, f.num_processes, f.process_id)
+  logging.get_absl_handler().use_absl_log_file = False
+  loop.run(f.config, f.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
