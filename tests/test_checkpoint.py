@@ -104,6 +104,7 @@ def test_nonfinite_step_leaves_state_unchanged():
   _assert_trees_equal(after.params, before.params)
   _assert_trees_equal(after.opt_state, before.opt_state)
   assert int(metrics['nonfinite']) == 1 and int(after.skipped) == 1 and int(after.step) == 1
-  state, metrics = jitted(state, good)
-  assert int(metrics['nonfinite']) == 0
+  for _ in range(2):  # the warm-up schedule gives the first applied update lr 0
+    state, metrics = jitted(state, good)
+    assert int(metrics['nonfinite']) == 0
   assert not np.array_equal(jax.device_get(state.params['kernel']), before.params['kernel'])
