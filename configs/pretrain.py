@@ -72,6 +72,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   m.layer_norm_eps = 1e-12  # BERT
   m.box_head_layers = 3  # DETR
   m.max_caption_len = m.max_text_len
+  m.num_answers = 0  # VQA answer vocabulary; set by configs/vqa.py
   return m
 
 
@@ -84,6 +85,7 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   d.eval_split = 'val'
   d.tokenizer = ''  # sentencepiece .model or BERT vocab.txt; '' -> trained on first use
   d.max_boxes = 8 if variant == 'tiny' else 100  # targets padded to this count (assumed)
+  d.max_attributes = 4  # attribute ids per box, padded with -1 (the builders' constant)
   d.max_text_len = 24 if variant == 'tiny' else 40  # encoder text incl. [CLS]/[SEP] (assumed)
   d.max_caption_len = 24 if variant == 'tiny' else 40  # decoder tokens incl. [BOS]/[EOS]
   d.image_size = 96 if variant == 'tiny' else 800  # padded canvas side (DETR: 800)
@@ -92,12 +94,18 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   d.max_size = 96 if variant == 'tiny' else 1333  # longer-side cap (DETR)
   d.hflip_prob = 0.5  # DETR
   d.crop_prob = 0.0 if variant == 'tiny' else 0.5  # DETR's random crop
+  # DETR's crop branch: resize to one of these, crop a random [min, max] square-ish window.
+  d.crop_resize_sizes = (48, 60, 72) if variant == 'tiny' else (400, 500, 600)  # DETR
+  d.crop_min_size = 46 if variant == 'tiny' else 384  # DETR
+  d.crop_max_size = 72 if variant == 'tiny' else 600  # DETR
+  d.prefetch = 2  # batches prepared ahead (each is part of the saved iterator state)
   d.mlm_prob = 0.15  # BERT
   d.itm_neg_prob = 0.5  # paper
   d.shuffle_buffer = 4096
   d.seed = 0
   d.corpus_train_images = 20000  # size of the embedded corpus' train split
   d.corpus_val_images = 500
+  d.corpus_image_size = 96  # side of the generated images
   return d
 
 
