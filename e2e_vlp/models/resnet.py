@@ -1,0 +1,200 @@
+"""ResNet backbone with torchvision parameter names, so PyTorch weights convert directly.
+
+Layout: `conv1`, `bn1`, then blocks `layer{i}_{j}` holding `conv1, bn1, conv2, bn2,
+(conv3, bn3), downsample_conv, downsample_bn`. Conv kernels are HWIO (torch OIHW
+transposed by (2, 3, 1, 0)). Padding is explicit and symmetric like torch (flax 'SAME'
+pads stride-2 convs asymmetrically), so a feature map has ceil(H / stride) rows.
+
+BatchNorm is frozen by default (DETR): scale, bias, mean and var all live in the
+'batch_stats' collection, so the optimizer never sees them. With `frozen_bn=False` a
+normal trainable BatchNorm is used: scale/bias in 'params', statistics in 'batch_stats'
+(apply with `mutable=['batch_stats']` when `train=True`).
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e2e_vlp.models import layers
+
+BLOCKS = ('basic', 'bottleneck')
+STEMS = ('imagenet', 'small')
+_DEPTHS = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+}
+# flax rejects a logical name used twice in one array, hence one 'conv_kernel'.
+_CONV_NAMES = ('conv_kernel', None, 'conv_in', 'conv_out')
+# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+BN_EPS = 1e-5  # torchvision / DETR FrozenBatchNorm2d
+
+
+def resnet_stages(depth: int) -> tuple[str, tuple[int, ...]]:
+  """The (block, stage_sizes) of torchvision's ResNet-`depth`."""
+  if depth not in _DEPTHS:
+    raise ValueError(f'No ResNet-{depth}; use a depth in {sorted(_DEPTHS)} or set '
+                     'config.model.backbone.block/stage_sizes directly.')
+  return _DEPTHS[depth]
+
+
+def output_stride(stem: str, num_stages: int, dilation: bool) -> int:
+  """Pixels per feature cell: stem stride x 2 per later stage, halved by `dilation`."""
+  if stem not in STEMS:
+    raise ValueError(f'config.model.backbone.stem={stem!r}; use one of {STEMS}.')
+  stride = (4 if stem == 'imagenet' else 2) * 2 ** (num_stages - 1)
+  return stride // 2 if dilation and num_stages > 1 else stride
+
+
+def _conv(features: int, kernel: int, stride: int, dtype: jnp.dtype, name: str,
+          dilation: int = 1) -> nn.Conv:
+  pad = dilation * (kernel - 1) // 2
+  return nn.Conv(
+      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
+      param_dtype=layers.PARAM_DTYPE, kernel_init=layers.partitioned(_CONV_INIT, _CONV_NAMES),
+      name=name)
+
+
+class FrozenBatchNorm(nn.Module):
+  """y = (x - mean) / sqrt(var + eps) * scale + bias; all four in 'batch_stats'.
+
+  Initialised as the identity (scale 1, bias 0, mean 0, var 1).
+  """
+  epsilon: float = BN_EPS
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[..., C] -> [..., C]."""
+    c = x.shape[-1]
+
+    def stat(name, fill):
+      init = layers.partitioned(lambda: fill((c,), jnp.float32), ('norm',))
+      return self.variable('batch_stats', name, init).value
+
+    scale, bias = stat('scale', jnp.ones), stat('bias', jnp.zeros)
+    mean, var = stat('mean', jnp.zeros), stat('var', jnp.ones)
+    mult = scale * jax.lax.rsqrt(var + self.epsilon)
+    return (x.astype(jnp.float32) * mult + (bias - mean * mult)).astype(self.dtype)
+
+
+def _norm(frozen: bool, train: bool, dtype: jnp.dtype, name: str) -> nn.Module:
+  if frozen:
+    return FrozenBatchNorm(dtype=dtype, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=BN_EPS, dtype=dtype,
+      param_dtype=layers.PARAM_DTYPE,
+      scale_init=layers.partitioned(nn.initializers.ones, ('norm',)),
+      bias_init=layers.partitioned(nn.initializers.zeros, ('norm',)), name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34); stride on the first."""
+  features: int
+  stride: int = 1
+  dilation: int = 1
+  frozen_bn: bool = True
+  dtype: jnp.dtype = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, H/stride, W/stride, features]."""
+    norm = lambda name: _norm(self.frozen_bn, train, self.dtype, name)
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1', self.dilation)(x)
+    y = nn.relu(norm('bn1')(y))
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2', self.dilation)(y)
+    y = norm('bn2')(y)
+    return nn.relu(y + _shortcut(self, x, train))
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 -> 1x1 (x4 channels); stride on the 3x3 conv (torchvision v1.5)."""
+  features: int
+  stride: int = 1
+  dilation: int = 1
+  frozen_bn: bool = True
+  dtype: jnp.dtype = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, H/stride, W/stride, 4 * features]."""
+    norm = lambda name: _norm(self.frozen_bn, train, self.dtype, name)
+    y = nn.relu(norm('bn1')(_conv(self.features, 1, 1, self.dtype, 'conv1')(x)))
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv2', self.dilation)(y)
+    y = nn.relu(norm('bn2')(y))
+    y = norm('bn3')(_conv(self.features * self.expansion, 1, 1, self.dtype, 'conv3')(y))
+    return nn.relu(y + _shortcut(self, x, train))
+
+
+def _shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  """Identity, or a strided 1x1 conv + BN where the shape changes (torchvision)."""
+  out = block.features * block.expansion
+  if block.stride == 1 and x.shape[-1] == out:
+    return x
+  y = _conv(out, 1, block.stride, block.dtype, 'downsample_conv')(x)
+  return _norm(block.frozen_bn, train, block.dtype, 'downsample_bn')(y)
+
+
+class ResNet(nn.Module):
+  """ResNet feature extractor (no pooling / fc head).
+
+  Attributes:
+    block: 'basic' or 'bottleneck'.
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+    width: channels of stage 1 (before expansion); doubled at each later stage.
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'small' (one 3x3/2 conv).
+    dilation: dilate the last stage instead of striding it (DETR-DC5).
+    frozen_bn: FrozenBatchNorm (True) or trainable BatchNorm.
+  """
+  block: str = 'bottleneck'
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  width: int = 64
+  stem: str = 'imagenet'
+  dilation: bool = False
+  frozen_bn: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def output_stride(self) -> int:
+    return output_stride(self.stem, len(self.stage_sizes), self.dilation)
+
+  @property
+  def out_channels(self) -> int:
+    expansion = 4 if self.block == 'bottleneck' else 1
+    return self.width * 2 ** (len(self.stage_sizes) - 1) * expansion
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """[B, H, W, 3] -> [B, ceil(H / S), ceil(W / S), out_channels], S = output_stride."""
+    if self.block not in BLOCKS:
+      raise ValueError(f'config.model.backbone.block={self.block!r}; use one of {BLOCKS}.')
+    if self.stem not in STEMS:
+      raise ValueError(f'config.model.backbone.stem={self.stem!r}; use one of {STEMS}.')
+    block_cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
+    x = x.astype(self.dtype)
+    stem_kernel = 7 if self.stem == 'imagenet' else 3
+    x = _conv(self.width, stem_kernel, 2, self.dtype, 'conv1')(x)
+    x = nn.relu(_norm(self.frozen_bn, train, self.dtype, 'bn1')(x))
+    if self.stem == 'imagenet':
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    dilation = 1
+    last = len(self.stage_sizes) - 1
+    for i, num_blocks in enumerate(self.stage_sizes):
+      stride = 1 if i == 0 else 2
+      first_dilation = dilation  # torchvision: the first block keeps the old dilation
+      if self.dilation and i == last and stride == 2:
+        dilation, stride = dilation * 2, 1
+      for j in range(num_blocks):
+        x = block_cls(
+            self.width * 2 ** i, stride=stride if j == 0 else 1,
+            dilation=first_dilation if j == 0 else dilation, frozen_bn=self.frozen_bn,
+            dtype=self.dtype, name=f'layer{i + 1}_{j}')(x, train=train)
+    return x
