@@ -19,7 +19,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   m.scan_layers = False  # nn.scan over identical layers (faster compile for deep stacks)
 
   b = m.backbone = ml_collections.ConfigDict()
-  b.frozen_bn = True  # DETR: BatchNorm statistics and affine are frozen
+  # 'frozen_bn' (DETR: pretrained BatchNorm statistics and affine frozen) or 'group_norm'
+  # (trainable, for backbones trained from scratch); see e2e_vlp/models/resnet.py.
+  b.norm = 'frozen_bn'
   b.dilation = False  # True: last stage dilated, output stride 16 (DETR-DC5)
   # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (output stride 32);
   # 'small': one 3x3/2 conv, no pool (output stride 16, for small images).
@@ -30,6 +32,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     b.stage_sizes = (1, 1, 1, 1)
     b.width = 32  # channels of stage 1; doubled at each later stage (assumed)
     b.stem = 'small'  # 96x96 images -> 6x6 grid; the ImageNet stem would give 3x3
+    b.norm = 'group_norm'  # trained from scratch: frozen identity BN lets activations explode
     m.d_model = 128
     m.num_heads = 4
     m.mlp_dim = 512
@@ -69,7 +72,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   else:
     raise ValueError(f'Unknown variant {variant!r}; use one of {VARIANTS}.')
   m.type_vocab_size = 2  # BERT: token types; images use a separate modality embedding
-  m.layer_norm_eps = 1e-12  # BERT
+  m.layer_norm_eps = 1e-12  # BERT (embeddings, encoder)
+  m.decoder_layer_norm_eps = 1e-5  # DETR (decoders)
   m.box_head_layers = 3  # DETR
   m.max_caption_len = m.max_text_len
   m.num_answers = 0  # VQA answer vocabulary; set by configs/vqa.py
@@ -79,11 +83,13 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
 def data_config(variant: str) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.dataset = 'embedded'  # 'embedded' | 'coco_captions' | 'coco_instances' | 'visual_genome'
-  d.data_dir = ''  # TFDS data dir; '' -> <cache>/tfds (the embedded corpus is built there)
+  d.data_dir = ''  # TFDS data dir; '' -> <cache>/tfds/<key> (the embedded corpus is built there)
   d.manual_dir = ''  # raw files; '' -> the embedded corpus is generated into <cache>/raw
   d.train_split = 'train'
   d.eval_split = 'val'
-  d.tokenizer = ''  # sentencepiece .model or BERT vocab.txt; '' -> trained on first use
+  # A WordPiece vocab.txt (BERT's, or one learned with launch/train_tokenizer.py);
+  # '' -> learned from the embedded corpus' captions on first use.
+  d.tokenizer = ''
   d.max_boxes = 8 if variant == 'tiny' else 100  # targets padded to this count (assumed)
   d.max_attributes = 4  # attribute ids per box, padded with -1 (the builders' constant)
   d.max_text_len = 24 if variant == 'tiny' else 40  # encoder text incl. [CLS]/[SEP] (assumed)

@@ -10,6 +10,7 @@ Re-running with the same workdir resumes from its newest checkpoint.
 
 import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
 
+import logging as logging_lib
 import os
 
 from absl import app
@@ -31,11 +32,22 @@ flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process)
 flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
 
 
+class _QuietLibraries(logging_lib.Filter):
+  """Drops INFO chatter of orbax / tfds / TensorFlow; their warnings still show."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    noisy = any(part in record.pathname for part in _NOISY)
+    return record.levelno >= logging_lib.WARNING or not noisy
+
+
+_NOISY = ('/orbax/', '/tensorflow_datasets/', '/tensorflow/', '/etils/')
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   f = flags.FLAGS
   distributed.initialize_from_environment(f.coordinator_address, f.num_processes, f.process_id)
-  logging.get_absl_handler().use_absl_log_file = False
   loop.run(f.config, f.workdir)
 
 

@@ -151,7 +151,8 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train):
     expected = ref(torch.from_numpy(image.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
 
   model = resnet.ResNet(block=block, stage_sizes=stages, width=width, stem=stem,
-                        dilation=dilation, frozen_bn=frozen)
+                        dilation=dilation,
+                        norm='frozen_bn' if frozen else 'batch_norm')
   variables = torch_to_flax(ref.state_dict(), frozen)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), image))
   assert jax.tree.map(lambda x: x.shape, variables) == jax.tree.map(lambda x: x.shape, abstract)
@@ -201,3 +202,12 @@ def test_output_stride_and_grid(stem, dilation, stride):
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   out = jax.eval_shape(model.apply, variables, x)
   assert out.shape == (1, math.ceil(100 / stride), math.ceil(65 / stride), 32)
+
+
+def test_group_norm_blocks_start_as_the_identity():
+  """Zero-initialised last norm of each residual branch: a block maps x >= 0 to x."""
+  x = jnp.abs(jax.random.normal(jax.random.key(1), (2, 8, 8, 32)))
+  for block in (resnet.BasicBlock(32, norm='group_norm'),
+                resnet.Bottleneck(8, norm='group_norm')):
+    variables = block.init(jax.random.key(0), x, train=False)
+    np.testing.assert_allclose(block.apply(variables, x, train=False), x, atol=1e-6)

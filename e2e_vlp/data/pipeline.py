@@ -25,6 +25,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from e2e_vlp.data import augment as augment_lib
+from e2e_vlp.data import builders
 from e2e_vlp.data import masking
 
 Features = dict[str, Any]
@@ -114,7 +115,11 @@ def load_split(dataset_name: str, split: str, *, data_dir: str | None, process_i
   Images stay as bytes so that decoding happens inside the pipeline, where a corrupt record
   can be skipped and counted.
   """
-  builder = tfds.builder(dataset_name, data_dir=data_dir or None)
+  if not data_dir:
+    raise ValueError(f'No TFDS data_dir for {dataset_name!r}: set config.data.data_dir to '
+                     'the folder launch/prepare_data.py wrote.')
+  # The project's builders, not tfds.builder: several names clash with TFDS's own datasets.
+  builder = builders.get_builder(dataset_name, data_dir)
   host_split = tfds.even_splits(split, n=process_count)[process_index]
   image_keys = [k for k in IMAGE_KEYS if k in builder.info.features]
   dataset = builder.as_dataset(

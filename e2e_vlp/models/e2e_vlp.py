@@ -85,7 +85,7 @@ class E2EVLP(nn.Module):
 
   Optional config fields read here: `num_answers` (VQA head size, default 0 = none).
   Collections: 'params' (trained), 'batch_stats' (frozen BatchNorm; with
-  backbone.frozen_bn=False apply with mutable=['batch_stats'] when train=True),
+  backbone.norm='batch_norm' apply with mutable=['batch_stats'] when train=True),
   'cache' (caption decoding only). Dropout uses the 'dropout' rng when train=True.
   """
   config: ml_collections.ConfigDict
@@ -103,7 +103,7 @@ class E2EVLP(nn.Module):
     dtype = self.dtype
     b = c.backbone
     self.backbone = ResNet(block=b.block, stage_sizes=tuple(b.stage_sizes), width=b.width,
-                           stem=b.stem, dilation=b.dilation, frozen_bn=b.frozen_bn,
+                           stem=b.stem, dilation=b.dilation, norm=b.norm,
                            dtype=dtype)
     eps = c.layer_norm_eps
     self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_len, c.type_vocab_size,
@@ -118,13 +118,16 @@ class E2EVLP(nn.Module):
     self.mlm_head = TiedLMHead(c.vocab_size, eps, transform=True, dtype=dtype)
     self.itm_head = layers.dense(2, ('embed', None), dtype=dtype)
     self.queries = QueryEmbeddings(c.num_queries, c.d_model, c.reference_points, dtype)
-    self.decoder = Decoder(c.decoder_layers, **stack)
+    # DETR's LayerNorm eps: its first decoder layer normalises the zero target plus a zero
+    # attention output, where BERT's 1e-12 turns the LayerNorm gradient into ~1e6.
+    decoder_stack = dict(stack, epsilon=c.decoder_layer_norm_eps)
+    self.decoder = Decoder(c.decoder_layers, **decoder_stack)
     self.det_head = DetectionHead(c.num_classes, c.num_attributes, c.box_head_layers,
                                   c.reference_points, dtype)
     self.caption_embeddings = CaptionEmbeddings(c.max_caption_len, c.d_model, eps, c.dropout,
                                                 dtype)
     if not c.share_decoder:
-      self.caption_decoder = Decoder(c.caption_decoder_layers, **stack)
+      self.caption_decoder = Decoder(c.caption_decoder_layers, **decoder_stack)
     self.caption_head = TiedLMHead(c.vocab_size, eps, transform=False, dtype=dtype)
     if c.cell_class_head:
       self.cell_class_head = layers.dense(c.num_classes + 1, ('embed', 'classes'), dtype=dtype)

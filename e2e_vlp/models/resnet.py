@@ -5,12 +5,19 @@ Layout: `conv1`, `bn1`, then blocks `layer{i}_{j}` holding `conv1, bn1, conv2, b
 transposed by (2, 3, 1, 0)). Padding is explicit and symmetric like torch (flax 'SAME'
 pads stride-2 convs asymmetrically), so a feature map has ceil(H / stride) rows.
 
-BatchNorm is frozen by default (DETR): scale, bias, mean and var all live in the
-'batch_stats' collection, so the optimizer never sees them. With `frozen_bn=False` a
-normal trainable BatchNorm is used: scale/bias in 'params', statistics in 'batch_stats'
-(apply with `mutable=['batch_stats']` when `train=True`).
+Normalisation (`norm`):
+- 'frozen_bn' (DETR, the default): scale, bias, mean and var all live in the 'batch_stats'
+  collection, so the optimizer never sees them. Right for pretrained weights; from scratch
+  it is the identity, and activations grow with depth.
+- 'group_norm': trainable GroupNorm (32 groups or fewer), stateless, any batch size; the
+  last norm of each residual branch starts at zero (Goyal et al. 2017), so every block
+  starts as the identity. For backbones trained from scratch (the `tiny` config).
+- 'batch_norm': trainable BatchNorm, scale/bias in 'params', statistics in 'batch_stats'
+  (apply with `mutable=['batch_stats']` when `train=True`); for evaluation and weight
+  conversion only: the train step keeps 'batch_stats' constant.
 """
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -33,6 +40,7 @@ _CONV_NAMES = ('conv_kernel', None, 'conv_in', 'conv_out')
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 BN_EPS = 1e-5  # torchvision / DETR FrozenBatchNorm2d
+NORMS = ('frozen_bn', 'batch_norm', 'group_norm')
 
 
 def resnet_stages(depth: int) -> tuple[str, tuple[int, ...]]:
@@ -84,9 +92,19 @@ class FrozenBatchNorm(nn.Module):
     return (x.astype(jnp.float32) * mult + (bias - mean * mult)).astype(self.dtype)
 
 
-def _norm(frozen: bool, train: bool, dtype: jnp.dtype, name: str) -> nn.Module:
-  if frozen:
+def _norm(norm: str, train: bool, dtype: jnp.dtype, name: str, *,
+          channels: int, last_in_branch: bool = False) -> nn.Module:
+  if norm == 'frozen_bn':
     return FrozenBatchNorm(dtype=dtype, name=name)
+  if norm == 'group_norm':
+    scale_init = nn.initializers.zeros if last_in_branch else nn.initializers.ones
+    return nn.GroupNorm(
+        num_groups=math.gcd(32, channels), epsilon=BN_EPS, dtype=dtype,
+        param_dtype=layers.PARAM_DTYPE,
+        scale_init=layers.partitioned(scale_init, ('norm',)),
+        bias_init=layers.partitioned(nn.initializers.zeros, ('norm',)), name=name)
+  if norm != 'batch_norm':
+    raise ValueError(f'config.model.backbone.norm={norm!r}; use one of {NORMS}.')
   return nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=BN_EPS, dtype=dtype,
       param_dtype=layers.PARAM_DTYPE,
@@ -99,18 +117,19 @@ class BasicBlock(nn.Module):
   features: int
   stride: int = 1
   dilation: int = 1
-  frozen_bn: bool = True
+  norm: str = 'frozen_bn'
   dtype: jnp.dtype = jnp.float32
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """[B, H, W, C] -> [B, H/stride, W/stride, features]."""
-    norm = lambda name: _norm(self.frozen_bn, train, self.dtype, name)
+    norm = lambda name, last=False: _norm(self.norm, train, self.dtype, name,
+                                          channels=self.features, last_in_branch=last)
     y = _conv(self.features, 3, self.stride, self.dtype, 'conv1', self.dilation)(x)
     y = nn.relu(norm('bn1')(y))
     y = _conv(self.features, 3, 1, self.dtype, 'conv2', self.dilation)(y)
-    y = norm('bn2')(y)
+    y = norm('bn2', last=True)(y)
     return nn.relu(y + _shortcut(self, x, train))
 
 
@@ -119,18 +138,20 @@ class Bottleneck(nn.Module):
   features: int
   stride: int = 1
   dilation: int = 1
-  frozen_bn: bool = True
+  norm: str = 'frozen_bn'
   dtype: jnp.dtype = jnp.float32
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """[B, H, W, C] -> [B, H/stride, W/stride, 4 * features]."""
-    norm = lambda name: _norm(self.frozen_bn, train, self.dtype, name)
-    y = nn.relu(norm('bn1')(_conv(self.features, 1, 1, self.dtype, 'conv1')(x)))
+    norm = lambda name, channels, last=False: _norm(self.norm, train, self.dtype, name,
+                                                    channels=channels, last_in_branch=last)
+    y = nn.relu(norm('bn1', self.features)(_conv(self.features, 1, 1, self.dtype, 'conv1')(x)))
     y = _conv(self.features, 3, self.stride, self.dtype, 'conv2', self.dilation)(y)
-    y = nn.relu(norm('bn2')(y))
-    y = norm('bn3')(_conv(self.features * self.expansion, 1, 1, self.dtype, 'conv3')(y))
+    y = nn.relu(norm('bn2', self.features)(y))
+    out = self.features * self.expansion
+    y = norm('bn3', out, last=True)(_conv(out, 1, 1, self.dtype, 'conv3')(y))
     return nn.relu(y + _shortcut(self, x, train))
 
 
@@ -140,7 +161,7 @@ def _shortcut(block: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jn
   if block.stride == 1 and x.shape[-1] == out:
     return x
   y = _conv(out, 1, block.stride, block.dtype, 'downsample_conv')(x)
-  return _norm(block.frozen_bn, train, block.dtype, 'downsample_bn')(y)
+  return _norm(block.norm, train, block.dtype, 'downsample_bn', channels=out)(y)
 
 
 class ResNet(nn.Module):
@@ -152,14 +173,14 @@ class ResNet(nn.Module):
     width: channels of stage 1 (before expansion); doubled at each later stage.
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'small' (one 3x3/2 conv).
     dilation: dilate the last stage instead of striding it (DETR-DC5).
-    frozen_bn: FrozenBatchNorm (True) or trainable BatchNorm.
+    norm: 'frozen_bn', 'group_norm' or 'batch_norm' (see the module docstring).
   """
   block: str = 'bottleneck'
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   stem: str = 'imagenet'
   dilation: bool = False
-  frozen_bn: bool = True
+  norm: str = 'frozen_bn'
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -182,7 +203,7 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     stem_kernel = 7 if self.stem == 'imagenet' else 3
     x = _conv(self.width, stem_kernel, 2, self.dtype, 'conv1')(x)
-    x = nn.relu(_norm(self.frozen_bn, train, self.dtype, 'bn1')(x))
+    x = nn.relu(_norm(self.norm, train, self.dtype, 'bn1', channels=self.width)(x))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     dilation = 1
@@ -195,6 +216,6 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         x = block_cls(
             self.width * 2 ** i, stride=stride if j == 0 else 1,
-            dilation=first_dilation if j == 0 else dilation, frozen_bn=self.frozen_bn,
+            dilation=first_dilation if j == 0 else dilation, norm=self.norm,
             dtype=self.dtype, name=f'layer{i + 1}_{j}')(x, train=train)
     return x

@@ -54,6 +54,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
   _require(t.total_steps > 0, f'config.train.total_steps={t.total_steps} must be positive.')
   for field in ('log_every', 'eval_every', 'checkpoint_every'):
     _require(t[field] > 0, f'config.train.{field}={t[field]} must be positive.')
+  _require(m.backbone.norm != 'batch_norm',
+           "config.model.backbone.norm='batch_norm' keeps running statistics the train step "
+           "does not update; use 'frozen_bn' (pretrained) or 'group_norm' (from scratch).")
   _require(m.dtype in ('float32', 'bfloat16'),
            f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
   _require(config.loss.det.matcher in ('hungarian', 'scipy'),
