@@ -14,3 +14,17 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for tests/micro.py
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def micro_cache(tmp_path_factory) -> str:
+  """A cache dir holding the micro embedded corpus, its TFDS build and vocabulary."""
+  from e2e_vlp.data import builders  # pylint: disable=g-import-not-at-top
+  from micro import MICRO_TRAIN_IMAGES, MICRO_VAL_IMAGES  # pylint: disable=g-import-not-at-top
+  cache = str(tmp_path_factory.mktemp('e2e_vlp_cache'))
+  builders.prepare_embedded(cache, num_train=MICRO_TRAIN_IMAGES, num_val=MICRO_VAL_IMAGES,
+                            seed=0, image_size=96, vocab_size=512)
+  return cache

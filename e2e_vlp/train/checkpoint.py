@@ -51,6 +51,38 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
                       abstract, shardings)
 
 
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a checkpoint of a model with other parameter shapes."""
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))[0]
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+          if hasattr(leaf, 'shape')}
+
+
+def _key_name(key: Any) -> str:
+  """'params', 'mu', '2' for dict keys, attributes and sequence indices alike."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                  step: int, directory: Any):
+  differences = [f'{k}: saved {saved.get(k, "missing")}, config {expected.get(k, "missing")}'
+                 for k in sorted(set(saved) | set(expected))
+                 if k.startswith(('params/', 'constants/')) and saved.get(k) != expected.get(k)]
+  if differences:
+    raise CheckpointMismatchError(
+        f'{directory} holds a checkpoint (step {step}) of a different model: '
+        + '; '.join(differences[:3]) + (f' and {len(differences) - 3} more' if len(
+            differences) > 3 else '')
+        + '. Use another --workdir, or the config that checkpoint was trained with.')
+
+
 class Checkpointer:
   """Keeps the last `keep` steps under `<workdir>/checkpoints`."""
 
@@ -76,8 +108,19 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any, *, with_data: bool = True
                      ) -> tuple[int, Any, bytes | None] | None:
-    """The newest readable step as (step, state, data blob); None when there is none."""
+    """The newest readable step as (step, state, data blob); None when there is none.
+
+    Raises CheckpointMismatchError when the newest readable step holds a different model.
+    """
     for step in reversed(self.all_steps()):
+      try:
+        saved = _shapes(self._manager.item_metadata(step)['state'])
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint at step %d in %s has unreadable metadata (%s: %s); '
+                        'falling back to the previous one.', step, self.directory,
+                        type(e).__name__, e)
+        continue
+      _check_shapes(saved, _shapes(abstract_state), step, self.directory)
       try:
         return (step,) + self.restore(step, abstract_state, with_data=with_data)
       except Exception as e:  # pylint: disable=broad-except

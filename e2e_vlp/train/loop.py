@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -23,6 +24,7 @@ from e2e_vlp.train import config_checks
 from e2e_vlp.train import mesh as mesh_lib
 from e2e_vlp.train import metrics as metrics_lib
 from e2e_vlp.train import optimizer as optimizer_lib
+from e2e_vlp.train import preemption
 from e2e_vlp.train import sharding
 from e2e_vlp.train import state as state_lib
 
@@ -145,64 +147,89 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   step = start_step
   interval_start, interval_step = time.time(), step
   stop = min(total_steps, stop_after) if stop_after is not None else total_steps
-  try:
-    while step < stop:
-      local = next(data_iter)
-      if batch_hook is not None:
-        local = batch_hook(step, local)
-      skipped_records = local.pop('skipped_records', None)
-      batch = mesh_lib.global_batch({k: local[k] for k in batch_spec}, mesh)
-      state, step_metrics = compiled(state, batch)
-      history.append(step_metrics)
-      step += 1
+  with preemption.PreemptionWatcher() as watcher:
+    try:
+      while step < stop:
+        local = next(data_iter)
+        if batch_hook is not None:
+          local = batch_hook(step, local)
+        skipped_records = local.pop('skipped_records', None)
+        batch = mesh_lib.global_batch({k: local[k] for k in batch_spec}, mesh)
+        state, step_metrics = compiled(state, batch)
+        history.append(step_metrics)
+        step += 1
 
-      log_now = step % config.train.log_every == 0 or step == total_steps
-      save_now = step % config.train.checkpoint_every == 0 or step == total_steps
-      if log_now or save_now:
-        fetched = [jax.device_get(h) for h in history]
-        history = []
-        for offset, values in enumerate(fetched):
-          streak = streak + 1 if values['nonfinite'] else 0
-          if streak >= config.train.max_consecutive_nonfinite:
-            bad = metrics_lib.nonfinite_terms(
-                {k: float(v) for k, v in values.items()})
-            raise NonFiniteLossError(
-                f'{streak} consecutive steps with a non-finite loss or gradient, the last '
-                f'at step {step - len(fetched) + offset + 1}; non-finite terms: '
-                f'{", ".join(bad) or "gradients"}. Lower config.optim.lr or check the data.')
-        if log_now:
-          elapsed = time.time() - interval_start
-          steps_done = step - interval_step
-          values = _mean_metrics(fetched)
-          values.update(
-              steps_per_second=steps_done / elapsed,
-              examples_per_second=steps_done * config.train.batch_size / elapsed,
-              skipped_updates=int(jax.device_get(state.skipped)),
-              skipped_records=int(skipped_records) if skipped_records is not None else 0)
-          if step_flops:
-            values['gflops_per_second'] = step_flops * steps_done / elapsed / 1e9
-            if config.train.peak_flops:
-              values['mfu'] = (step_flops * steps_done / elapsed
-                               / (config.train.peak_flops * jax.device_count()))
-          last.update(logger.write(step, values))
-          logger.progress(step, values)
-          interval_start, interval_step = time.time(), step
+        log_now = step % config.train.log_every == 0 or step == total_steps
+        save_now = step % config.train.checkpoint_every == 0 or step == total_steps
+        if log_now or save_now:
+          fetched = [jax.device_get(h) for h in history]
+          history = []
+          for offset, values in enumerate(fetched):
+            streak = streak + 1 if values['nonfinite'] else 0
+            if streak >= config.train.max_consecutive_nonfinite:
+              bad = metrics_lib.nonfinite_terms(
+                  {k: float(v) for k, v in values.items()})
+              raise NonFiniteLossError(
+                  f'{streak} consecutive steps with a non-finite loss or gradient, the last '
+                  f'at step {step - len(fetched) + offset + 1}; non-finite terms: '
+                  f'{", ".join(bad) or "gradients"}. Lower config.optim.lr or check the data.')
+          if log_now:
+            elapsed = time.time() - interval_start
+            steps_done = step - interval_step
+            values = _mean_metrics(fetched)
+            values.update(
+                steps_per_second=steps_done / elapsed,
+                examples_per_second=steps_done * config.train.batch_size / elapsed,
+                skipped_updates=int(jax.device_get(state.skipped)),
+                skipped_records=int(skipped_records) if skipped_records is not None else 0)
+            if step_flops:
+              values['gflops_per_second'] = step_flops * steps_done / elapsed / 1e9
+              if config.train.peak_flops:
+                values['mfu'] = (step_flops * steps_done / elapsed
+                                 / (config.train.peak_flops * jax.device_count()))
+            last.update(logger.write(step, values))
+            logger.progress(step, values)
+            interval_start, interval_step = time.time(), step
 
-        if save_now:
-          checkpointer.save(step, state, data_iter.get_state(), force=True)
+          if save_now:
+            _save(checkpointer, step, state, data_iter)
 
-      if step % config.train.eval_every == 0 or step == total_steps:
-        eval_values = task.evaluate(state.params, state.constants, step=step, workdir=workdir,
-                                    mesh=mesh, rules=rules)
-        last.update(logger.write(step, eval_values, prefix='eval/'))
-        logging.info('eval step %d: %s', step, json.dumps(
-            {k: round(v, 4) for k, v in eval_values.items() if isinstance(v, float)}))
-        interval_start = time.time()
-  finally:
-    checkpointer.close()
-    logger.close()
+        if watcher.should_stop():
+          if not save_now:
+            _save(checkpointer, step, state, data_iter)
+          checkpointer.wait()
+          logging.warning('Stopped at step %d on a preemption signal; checkpoint saved in %s.',
+                          step, checkpointer.directory)
+          last['preempted'] = True
+          break
+
+        if step % config.train.eval_every == 0 or step == total_steps:
+          eval_values = task.evaluate(state.params, state.constants, step=step, workdir=workdir,
+                                      mesh=mesh, rules=rules)
+          last.update(logger.write(step, eval_values, prefix='eval/'))
+          logging.info('eval step %d: %s', step, json.dumps(
+              {k: round(v, 4) for k, v in eval_values.items() if isinstance(v, float)}))
+          interval_start = time.time()
+    finally:
+      checkpointer.close()
+      logger.close()
   last['step'] = step
   return last
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _save(checkpointer: ckpt_lib.Checkpointer, step: int, state: state_lib.TrainState,
+          data_iter) -> None:
+  """Saves, unless the parameters hold a non-finite value (never checkpoint those)."""
+  if not bool(_all_finite(state.params)):
+    raise NonFiniteLossError(
+        f'Step {step}: the parameters hold non-finite values; not saving them. The last '
+        f'good checkpoint is step {max(checkpointer.all_steps(), default=None)}.')
+  checkpointer.save(step, state, data_iter.get_state(), force=True)
 
 
 def _flops(compiled) -> float:
