@@ -18,43 +18,18 @@ import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
 import json
 import os
 
-import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 from ml_collections import config_flags
 
 from e2e_vlp.hf import convert
 from e2e_vlp.train import checkpoint as ckpt_lib
 
 
-def _checkpoint_dir(workdir: str) -> epath.Path:
-  directory = epath.Path(workdir)
-  return directory / 'checkpoints' if (directory / 'checkpoints').exists() else directory
-
-
-def load_step(workdir: str, step: int) -> dict[str, object]:
-  """{'params', 'constants'} of checkpoint `step` as host numpy arrays (any mesh)."""
-  directory = _checkpoint_dir(workdir)
-  manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  steps = sorted(manager.all_steps())
-  if step not in steps:
-    raise FileNotFoundError(f'No checkpoint step {step} under {directory}; steps: {steps}.')
-  metadata = manager.item_metadata(step)['state']
-  target = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), metadata,
-                        is_leaf=lambda m: hasattr(m, 'shape'))
-  state = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=None, restore_args=target)))['state']
-  return {'params': state['params'], 'constants': state.get('constants', {})}
-
-
 def _training_config(workdir: str) -> ml_collections.ConfigDict:
-  directory = str(_checkpoint_dir(workdir))
+  directory = str(ckpt_lib.checkpoints_dir(workdir))
   for folder in (workdir, os.path.dirname(directory)):
     path = os.path.join(folder, 'config.json')
     if os.path.isfile(path):
@@ -92,10 +67,7 @@ def export(workdir: str, out: str, *, step: int | None = None,
   """
   config = config if config is not None else _training_config(workdir)
   vocab_path = _find_vocab(workdir, config, vocab)
-  if step is None:
-    step, tree = ckpt_lib.load_params(workdir)
-  else:
-    tree = load_step(workdir, step)
+  step, tree = ckpt_lib.load_params(workdir, step)
   variables = {'params': tree['params'], **tree['constants']}
   with convert.atomic_output_dir(out, overwrite=overwrite) as tmp:
     components = convert.write_hf_folder(variables, config.model, tmp, vocab_path)

@@ -3,15 +3,15 @@
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE [launch/train.py flags...]
 #   launch/tpu_pod.sh my-v4-32 us-central2-b --config configs/pretrain.py:base \
-#       --workdir gs://my-bucket/e2e_vlp/pretrain_base
+#       --workdir /mnt/shared/e2e_vlp/pretrain_base
 #
 # 1. copies this checkout (the files git tracks or does not ignore) to ~/e2e-vlp on every
 #    worker; 2. creates ~/e2e-vlp/.venv there with uv (Python $PYTHON_VERSION, default 3.11)
 #    and installs requirements.txt with jax[tpu];
 # 3. starts launch/train.py on all workers at once (gcloud ... ssh --worker=all). JAX finds
-# the other workers of the slice by itself (e2e_vlp/train/distributed.py). Use a gs://
-# bucket (or a filesystem every worker mounts) as --workdir: all workers write their
-# checkpoint shards there. The command runs in the foreground; keep the terminal alive
+# the other workers of the slice by itself (e2e_vlp/train/distributed.py). Use a
+# filesystem every worker mounts at the same path (Filestore, or a bucket mounted with
+# gcsfuse) as --workdir: all workers write their checkpoint shards there. The command runs in the foreground; keep the terminal alive
 # (tmux) or stop it with Ctrl-C. Re-running resumes from the newest checkpoint.
 #
 # Environment: PROJECT (gcloud project; default: gcloud's), SETUP=0 (skip steps 1-2 when

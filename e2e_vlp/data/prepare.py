@@ -14,6 +14,7 @@ class DataSource:
   dataset: str  # TFDS builder name
   data_dir: str  # TFDS data dir holding it
   tokenizer: Tokenizer
+  vocab_path: str  # the tokenizer's vocab.txt (copied into each workdir, for export)
   class_names: list[str]
 
 
@@ -42,4 +43,5 @@ def resolve(config: ml_collections.ConfigDict) -> DataSource:
   builder = builders.get_builder(d.dataset, data_dir)
   class_names = list((builder.info.metadata or {}).get('class_names', []))
   return DataSource(dataset=d.dataset, data_dir=data_dir,
-                    tokenizer=Tokenizer.from_vocab_file(vocab), class_names=class_names)
+                    tokenizer=Tokenizer.from_vocab_file(vocab), vocab_path=vocab,
+                    class_names=class_names)

@@ -54,9 +54,13 @@ def dense(features: int, names: tuple[str | None, str | None], *, dtype: jnp.dty
 
 
 def layer_norm(epsilon: float, *, dtype: jnp.dtype, name: str | None = None) -> nn.LayerNorm:
-  """LayerNorm (statistics in float32) with scale/bias named ('norm',)."""
+  """LayerNorm (statistics in float32, two-pass variance) with scale/bias named ('norm',).
+
+  Two-pass (`use_fast_variance=False`): E[x^2] - E[x]^2 loses precision when the mean is
+  large against the spread, and PyTorch (the Hugging Face mirror) uses two passes.
+  """
   return nn.LayerNorm(
-      epsilon=epsilon, dtype=dtype, param_dtype=PARAM_DTYPE,
+      epsilon=epsilon, dtype=dtype, param_dtype=PARAM_DTYPE, use_fast_variance=False,
       scale_init=partitioned(nn.initializers.ones, ('norm',)),
       bias_init=partitioned(nn.initializers.zeros, ('norm',)), name=name)
 

@@ -100,7 +100,7 @@ def _norm(norm: str, train: bool, dtype: jnp.dtype, name: str, *,
     scale_init = nn.initializers.zeros if last_in_branch else nn.initializers.ones
     return nn.GroupNorm(
         num_groups=math.gcd(32, channels), epsilon=BN_EPS, dtype=dtype,
-        param_dtype=layers.PARAM_DTYPE,
+        param_dtype=layers.PARAM_DTYPE, use_fast_variance=False,  # two-pass, as PyTorch
         scale_init=layers.partitioned(scale_init, ('norm',)),
         bias_init=layers.partitioned(nn.initializers.zeros, ('norm',)), name=name)
   if norm != 'batch_norm':

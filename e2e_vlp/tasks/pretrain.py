@@ -139,7 +139,7 @@ class Task:
         if first_batch is None:
           first_batch = (local, outputs)
     metrics = {name: sums[f'{name}_correct'] / max(sums[f'{name}_count'], 1.0)
-               for name in ('mlm', 'itm', 'caption_token', 'cell')
+               for name in ('mlm', 'itm', 'caption_token', 'blind_caption_token')
                if f'{name}_count' in sums}
     metrics = {f'{k}_accuracy': v for k, v in metrics.items()}
     metrics.update(self._detection_metrics({k: np.concatenate(v) for k, v in det.items()}))
@@ -189,9 +189,15 @@ def _eval_fn(model: nn.Module):
 
     mlm_w = (batch['mlm_labels'] >= 0) * positive[:, None]
     caption_w = batch['caption_mask'] * valid[:, None]
+    # The "blind" baseline: the same captioning with every pixel zeroed, to show how much
+    # of the caption accuracy comes from the image rather than from the language prior.
+    blind = model.apply(variables, dict(batch, image=jnp.zeros_like(batch['image'])),
+                        train=False)
     parts = {'mlm': acc(outputs['mlm_logits'], batch['mlm_labels'], mlm_w),
              'itm': acc(outputs['itm_logits'], batch['itm_label'], valid),
-             'caption_token': acc(outputs['caption_logits'], batch['caption_out'], caption_w)}
+             'caption_token': acc(outputs['caption_logits'], batch['caption_out'], caption_w),
+             'blind_caption_token': acc(blind['caption_logits'], batch['caption_out'],
+                                        caption_w)}
     counts = {f'{name}_{k}': v for name, part in parts.items() for k, v in part.items()}
     det = {'class_logits': outputs['det_class_logits'][-1], 'boxes': outputs['det_boxes'][-1]}
     return counts, det

@@ -104,6 +104,8 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state)}
     if data_state is not None:
       items['data'] = DataStateSave(data_state)
+    if step in self._manager.all_steps():  # unreadable on restore (skipped), now retrained
+      self._manager.delete(step)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore_latest(self, abstract_state: Any, *, with_data: bool = True
@@ -146,31 +148,40 @@ class Checkpointer:
     self._manager.close()
 
 
-def load_params(path: str) -> tuple[int, dict[str, Any]]:
-  """Parameters of the newest readable checkpoint under a workdir or checkpoints dir.
-
-  Restored as host numpy arrays (replicated), for `init_from` and export.
-  """
+def checkpoints_dir(path: str) -> epath.Path:
+  """`path` itself, or its `checkpoints` folder when `path` is a workdir."""
   directory = epath.Path(path)
-  if (directory / 'checkpoints').exists():
-    directory = directory / 'checkpoints'
+  return directory / 'checkpoints' if (directory / 'checkpoints').exists() else directory
+
+
+def load_params(path: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """Parameters of checkpoint `step` (default: the newest readable one) under `path`.
+
+  `path` is a workdir or its checkpoints dir. Restored as host numpy arrays from any mesh,
+  for `init_from` and export: {'params', 'constants'}.
+  """
+  directory = checkpoints_dir(path)
   manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
   if not steps:
     raise FileNotFoundError(f'No checkpoint found under {path}.')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'No checkpoint step {step} under {directory}; steps: {steps}.')
   errors = []
-  for step in reversed(steps):
+  for candidate in ([step] if step is not None else reversed(steps)):
     try:
-      metadata = manager.item_metadata(step)['state']
+      metadata = manager.item_metadata(candidate)['state']
       target = jax.tree.map(
           lambda m: ocp.RestoreArgs(restore_type=np.ndarray), metadata,
           is_leaf=lambda m: hasattr(m, 'shape'))
-      restored = manager.restore(step, args=ocp.args.Composite(
+      restored = manager.restore(candidate, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(item=None, restore_args=target)))
-      return step, {'params': restored['state']['params'],
-                    'constants': restored['state'].get('constants', {})}
+      return candidate, {'params': restored['state']['params'],
+                         'constants': restored['state'].get('constants', {})}
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f'step {step}: {type(e).__name__}: {e}')
-      logging.warning('Cannot read checkpoint step %d under %s: %s', step, path, e)
+      if step is not None:
+        raise
+      errors.append(f'step {candidate}: {type(e).__name__}: {e}')
+      logging.warning('Cannot read checkpoint step %d under %s: %s', candidate, path, e)
   raise ValueError(f'No readable checkpoint under {path}: ' + '; '.join(errors))

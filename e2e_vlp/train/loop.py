@@ -7,6 +7,7 @@ resumption and the safety checks.
 
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -91,6 +92,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   # ----------------------------------------------------------------------------- task
   task = tasks.get_task(config)
   total_steps = config.train.total_steps
+  data = getattr(task, 'data', None)
+  if data is not None and jax.process_index() == 0:  # export finds the vocabulary here
+    shutil.copyfile(data.vocab_path, os.path.join(workdir, 'vocab.txt'))
 
   # ------------------------------------------------- abstract state, shardings, optimizer
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
