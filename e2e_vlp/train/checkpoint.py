@@ -161,7 +161,10 @@ def load_params(path: str, step: int | None = None) -> tuple[int, dict[str, Any]
   for `init_from` and export: {'params', 'constants'}.
   """
   directory = checkpoints_dir(path)
+  # Without a registered handler item_metadata is None and the restore falls back to the
+  # saved shardings, which fails on another topology (e.g. a multi-process checkpoint).
   manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
+                                  item_handlers={'state': ocp.PyTreeCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
   if not steps:

@@ -76,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   NaNs with it). Returns the last logged and evaluated metrics.
   """
   # ----------------------------------------------------------------- config & workdir
-  workdir = workdir or default_workdir(config)
+  workdir = os.path.abspath(workdir or default_workdir(config))  # orbax needs absolute paths
   config_checks.validate(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
