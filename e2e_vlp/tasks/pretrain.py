@@ -23,6 +23,7 @@ from e2e_vlp.losses import detection as det_losses
 from e2e_vlp.losses import text as text_losses
 from e2e_vlp.models.e2e_vlp import E2EVLP
 from e2e_vlp.tasks import visualize
+from e2e_vlp.train import mesh as mesh_lib
 
 
 def batch_shapes(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, Any]:
@@ -83,6 +84,7 @@ class Task:
           f'The tokenizer has {self.tokenizer.vocab_size} tokens but config.model.vocab_size='
           f'{config.model.vocab_size}; raise config.model.vocab_size.')
     self.model = E2EVLP(config.model)
+    self._eval_fn = _eval_fn(self.model)  # built once: every evaluation reuses its compilation
 
   # ------------------------------------------------------------------------- training
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -112,7 +114,7 @@ class Task:
         split=config.data.eval_split, train=False,
         global_batch_size=config.train.batch_size, seed=config.data.seed)
     variables = {'params': params, **constants}
-    eval_fn = _eval_fn(self.model)
+    eval_fn = self._eval_fn
     sums: dict[str, float] = {}
     det: dict[str, list[np.ndarray]] = {k: [] for k in (
         'class_logits', 'boxes', 'gt_boxes', 'labels', 'box_mask', 'sizes', 'valid')}
@@ -121,8 +123,11 @@ class Task:
       for _, local in zip(range(config.train.eval_batches), eval_iter):
         valid = local.pop('valid', np.ones(local['image'].shape[0], bool))
         local.pop('skipped_records', None)
-        batch = {k: local[k] for k in self.batch_spec(1)}
-        counts, outputs = eval_fn(variables, batch, jnp.asarray(valid))
+        # Global arrays from every host's rows, as in training (host-local numpy would be
+        # taken as replicated: each host would evaluate only its own rows).
+        batch = mesh_lib.global_batch(
+            {**{k: local[k] for k in self.batch_spec(1)}, 'valid': valid}, mesh)
+        counts, outputs = eval_fn(variables, batch, batch.pop('valid'))
         for key, value in jax.device_get(counts).items():
           sums[key] = sums.get(key, 0.0) + float(value)
         outputs = multihost_utils.process_allgather(outputs, tiled=True)
