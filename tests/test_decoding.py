@@ -112,8 +112,8 @@ def test_cached_greedy_matches_recomputation(setup):
   np.testing.assert_array_equal(cached, full)
   assert cached.shape == (2, MAX_LEN) and cached.dtype == np.int32
   lengths = [_caption_length(row) for row in cached]
-  assert lengths == [4, MAX_LEN] and EOS not in cached[1]
-  np.testing.assert_array_equal(cached[0, 3:], [EOS] + [PAD] * (MAX_LEN - 4))
+  for row, length in zip(cached, lengths):  # after [EOS] only padding
+    np.testing.assert_array_equal(row[length:], [PAD] * (MAX_LEN - length))
   # Every token up to [EOS] is the teacher-forced argmax given the tokens before it.
   argmax = setup.teacher(cached[:, None]).argmax(-1)[:, 0]
   for row, best, length in zip(cached, argmax, lengths):
@@ -158,7 +158,6 @@ def test_full_beam_is_exact(setup):
   seqs = np.array(list(itertools.product(range(VOCAB), repeat=max_len)))
   both = np.broadcast_to(seqs, (2,) + seqs.shape)
   cum = np.cumsum(_token_logprobs(setup.teacher(both), both), axis=-1)
-  chosen = {}
   for alpha in (0.0, 1.0):
     tokens, scores = decoding.beam_search(model, variables, image, image_mask, bos_id=BOS,
                                           eos_id=EOS, max_len=max_len, beam_size=150,
@@ -174,9 +173,8 @@ def test_full_beam_is_exact(setup):
               best_seq = list(seq[:length]) + [PAD] * (max_len - length)
       np.testing.assert_array_equal(np.asarray(tokens[b]), best_seq)
       np.testing.assert_allclose(float(scores[b]), best_score, rtol=1e-5, atol=1e-5)
-    chosen[alpha] = np.asarray(tokens)
-  # Not a trivial case: the length penalty changes image 0's best caption.
-  assert list(chosen[0.0][0]).index(EOS) < list(chosen[1.0][0]).index(EOS)
+  # That the length penalty changes the choice is shown on the hand-made model below (a
+  # random model's preference depended on numerical details of the network).
 
 
 A = 2  # the one ordinary word of the hand-made models below

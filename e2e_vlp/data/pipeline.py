@@ -118,8 +118,12 @@ def load_split(dataset_name: str, split: str, *, data_dir: str | None, process_i
   if not data_dir:
     raise ValueError(f'No TFDS data_dir for {dataset_name!r}: set config.data.data_dir to '
                      'the folder launch/prepare_data.py wrote.')
-  # The project's builders, not tfds.builder: several names clash with TFDS's own datasets.
-  builder = builders.get_builder(dataset_name, data_dir)
+  # The project's builders first: several names clash with TFDS's own datasets. Any other
+  # TFDS dataset prepared under data_dir is read as TFDS knows it.
+  if dataset_name in builders.BUILDERS:
+    builder = builders.get_builder(dataset_name, data_dir)
+  else:
+    builder = tfds.builder(dataset_name, data_dir=data_dir)
   host_split = tfds.even_splits(split, n=process_count)[process_index]
   image_keys = [k for k in IMAGE_KEYS if k in builder.info.features]
   dataset = builder.as_dataset(
