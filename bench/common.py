@@ -1,0 +1,248 @@
+"""Shared benchmark pieces: interleaved medians, XLA cost analysis, the machine
+description, Markdown tables, and the project's jitted train step.
+
+Every benchmark reports ratios against a peer measured in the same run, because the
+development host is shared: absolute times move with the load, ratios much less.
+
+Import-light on purpose (jax, flax, optax and the project's train pieces only; no
+TensorFlow): bench/gpu.py runs on a machine without it. That machine has no
+ml_collections either; `configs/pretrain.py` and the model modules use nothing of it but
+`ConfigDict` as a nested attribute dict, so where the package is missing this module
+registers `AttrDict` in its place before anything imports it. Import this module first.
+"""
+
+import collections.abc
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from typing import Any, Callable, Mapping, Sequence
+
+
+class AttrDict(collections.abc.MutableMapping):
+  """A mapping with attribute access: the part of `ml_collections.ConfigDict` the project's
+  configs and modules use (attributes, items, `.get`, `.update`, nesting, `to_dict`).
+
+  Not a `dict` subclass on purpose: flax turns dict attributes of a module into
+  `FrozenDict`s, which have no attribute access.
+  """
+
+  def __init__(self, fields: Mapping[str, Any] | None = None, **kwargs: Any):
+    object.__setattr__(self, '_fields', {})
+    self.update(fields or {}, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith('__') or name == '_fields':
+      raise AttributeError(name)
+    try:
+      return self._fields[name]
+    except KeyError:
+      raise AttributeError(f'No config field {name!r}; fields: {sorted(self._fields)}.'
+                           ) from None
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    self._fields[name] = value
+
+  def __getitem__(self, key: str) -> Any:
+    return self._fields[key]
+
+  def __setitem__(self, key: str, value: Any) -> None:
+    self._fields[key] = value
+
+  def __delitem__(self, key: str) -> None:
+    del self._fields[key]
+
+  def __iter__(self):
+    return iter(self._fields)
+
+  def __len__(self) -> int:
+    return len(self._fields)
+
+  def __repr__(self) -> str:
+    return f'AttrDict({self._fields!r})'
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: v.to_dict() if isinstance(v, AttrDict) else v for k, v in self.items()}
+
+
+try:
+  import ml_collections  # noqa: F401
+except ImportError:
+  _stand_in = types.ModuleType('ml_collections', 'bench.common.AttrDict as ConfigDict.')
+  _stand_in.ConfigDict = AttrDict
+  sys.modules['ml_collections'] = _stand_in
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from e2e_vlp.train import mesh as mesh_lib  # noqa: E402
+from e2e_vlp.train import optimizer as optimizer_lib  # noqa: E402
+from e2e_vlp.train import sharding  # noqa: E402
+from e2e_vlp.train import state as state_lib  # noqa: E402
+
+Thunk = Callable[[], Any]
+
+
+def time_interleaved(fns: Mapping[str, Thunk], *, warmup: int, repeats: int,
+                     sync: Callable[[Any], Any] = jax.block_until_ready) -> dict[str, float]:
+  """name -> median milliseconds of `fn()` (synced) over `repeats` rounds.
+
+  Each round runs every function once in turn, so a load spike on a shared host slows all
+  peers alike instead of one of them. `warmup` untimed rounds come first (compilation,
+  caches, thread pools).
+  """
+  if repeats < 1:
+    raise ValueError(f'repeats={repeats} must be at least 1.')
+  for _ in range(warmup):
+    for fn in fns.values():
+      sync(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      sync(fn())
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """An ahead-of-time compiled function and what XLA says about it."""
+  fn: Callable[..., Any]
+  compile_s: float  # wall seconds of lowering + compilation
+  compile_cpu_s: float  # CPU seconds of this process meanwhile: hardly moved by host load
+  flops: float  # XLA cost analysis; while-loop bodies count once
+
+
+def compile_with_stats(jitted: Any, *args: Any) -> Compiled:
+  """`jitted.lower(*args).compile()`, timed, with XLA's flop count."""
+  start, start_cpu = time.perf_counter(), time.process_time()
+  compiled = jitted.lower(*args).compile()
+  return Compiled(compiled, time.perf_counter() - start, time.process_time() - start_cpu,
+                  cost_flops(compiled))
+
+
+def cost_flops(compiled: Any) -> float:
+  """Flops from `compiled.cost_analysis()` (a dict, or a list of one per module)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    return float(sum(a.get('flops', 0.0) for a in analysis))
+  return float((analysis or {}).get('flops', 0.0))
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_lines() -> list[str]:
+  """The host and the moment: CPU, cores, load average, accelerator, versions, date."""
+  load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
+  device = jax.devices()[0]
+  return [
+      f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
+      f'- CPU: {cpu_model()}, {os.cpu_count()} cores; load average (1, 5, 15 min) at start: '
+      f'{load}',
+      f'- JAX {jax.__version__}, backend {jax.default_backend()} ({device.device_kind}), '
+      f'{jax.device_count()} device(s)',
+  ]
+
+
+def load_note() -> str:
+  """The caveat every CPU table carries when the host is shared."""
+  load = os.getloadavg()[0]
+  cores = os.cpu_count() or 1
+  if load <= 0.5 * cores:
+    return f'Host load average {load:.1f} on {cores} cores at the start of this table.'
+  return (f'Host load average {load:.1f} on {cores} cores: the machine is shared and busy, '
+          'so absolute times are inflated and noisy; ratios between peers measured in the '
+          'same run (interleaved) are the meaningful figures.')
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(str(cell) for cell in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def target_line(what: str, value: float, limit: float, *, at_most: bool, unit: str = 'x'
+                ) -> str:
+  """'target met' / 'target NOT reached' line for `value` against `limit`."""
+  ok = value <= limit if at_most else value >= limit
+  sign = '<=' if at_most else '>='
+  status = 'met' if ok else '**NOT reached**'
+  return f'- target {what} {sign} {limit:g}{unit}: {value:.2f}{unit}, {status}'
+
+
+# ---- the project's train step, built the way launch/train.py builds it ---------------
+
+
+@dataclasses.dataclass
+class StepRunner:
+  """A jitted, donated train step and the state it advances; `()` runs one step."""
+  step: Compiled
+  state: Any
+  batch: dict[str, jax.Array]
+
+  def __call__(self) -> Any:
+    self.state, metrics = self.step.fn(self.state, self.batch)
+    return metrics
+
+
+def stop_frozen_gradients(loss_fn: Callable[..., Any], optim: Any, params: Any
+                          ) -> Callable[..., Any]:
+  """`loss_fn` with `lax.stop_gradient` on the parameters `optim.frozen` freezes.
+
+  The optimizer already zeroes their updates; this also skips computing their gradients
+  (PyTorch's requires_grad=False), e.g. the backward pass through a frozen stem.
+  """
+  trainable = jax.tree.map(lambda m: m != 0.0,
+                           optimizer_lib.parameter_groups(optim, params)['lr_mult'])
+
+  def wrapped(params, *args):
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+    return loss_fn(params, *args)
+
+  return wrapped
+
+
+def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
+                     loss_fn: Callable[..., Any], batch: Mapping[str, np.ndarray], *,
+                     stop_frozen: bool = False) -> StepRunner:
+  """The training step exactly as e2e_vlp/train/loop.py builds it, compiled on `batch`.
+
+  Mesh from `config.mesh`, rules from `config.sharding`, `make_optimizer(config.optim)`,
+  `state_shardings`, `create_train_state`, `make_train_step` (grad accumulation, seed) and
+  `jit_train_step` (state donated). `loss_fn(params, constants, batch, rng) -> (loss,
+  metrics)`; `stop_frozen` wraps it with `stop_frozen_gradients`.
+  """
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = sharding.logical_axis_rules(config.sharding)
+  spec = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = state_lib.strip_boxes(jax.eval_shape(init_variables, jax.random.key(0)))
+    tx, schedule = optimizer_lib.make_optimizer(config.optim, abstract['params'],
+                                                config.train.total_steps)
+    if stop_frozen:
+      loss_fn = stop_frozen_gradients(loss_fn, config.optim, abstract['params'])
+    _, shardings = state_lib.state_shardings(init_variables, tx, mesh, rules)
+    state = state_lib.create_train_state(init_variables, tx, jax.random.key(config.train.seed),
+                                         shardings)
+    step = state_lib.make_train_step(loss_fn, tx, schedule,
+                                     grad_accum_steps=config.optim.grad_accum_steps,
+                                     seed=config.train.seed)
+    jitted = state_lib.jit_train_step(step, shardings, mesh, spec)
+    device_batch = mesh_lib.global_batch(batch, mesh)
+    compiled = compile_with_stats(jitted, state, device_batch)
+  return StepRunner(compiled, state, device_batch)

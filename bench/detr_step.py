@@ -1,0 +1,294 @@
+"""Benchmark: one DETR training step of this project's model against Hugging Face DETR.
+
+Our side is `E2EVLP.detect` + `set_prediction_loss` (no text) trained by the project's
+step (`e2e_vlp.train`: AdamW, clip 0.1, backbone at 0.1x, stem and stage 1 frozen). The
+peer is `transformers.DetrForObjectDetection` with random weights at the same shapes,
+batch (random boxes), auxiliary losses, AdamW, clip and frozen set, in PyTorch with
+`torch.set_num_threads` = the host's cores (2 here); on a busy host with
+OMP_WAIT_POLICY=PASSIVE (see below), which the table states. In transformers 5.x a non-timm ResNet
+backbone ends up entirely frozen (its filter looks for "stage.1", the parameters are named
+"stages.1"); we unfreeze stages 1-3, as original DETR trains them.
+
+Shapes: `tiny` (ResNet basic blocks [1,1,1,1], widths 32-256, d_model 128, 2+2 layers,
+4 heads, FFN 512, 50 queries, batch 8 at 256x256) and `r50` (ResNet-50, d_model 256, 6+6
+layers, 8 heads, FFN 2048, 100 queries, batch 2 at 512x512); 10 boxes per image.
+
+Variants of ours: matcher 'hungarian' (in-graph) or 'scipy' (host callback)
+(`config.loss.det.matcher`), compute dtype float32 or bfloat16 (`config.model.dtype`),
+and `stop_gradient` on the frozen parameters (PyTorch never computes their gradients; the
+project's step computes them, then the optimizer zeroes them).
+
+Usage: python bench/detr_step.py [--quick] [--repeats N] [--shapes tiny,r50]
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# On a busy host libgomp's spinning workers turn each PyTorch parallel region into a wait
+# for a descheduled thread: measured here under load ~10, 2 threads ran a step 6-15x slower
+# than 1 thread. Passive waiting removes that; libgomp reads it when torch loads.
+if os.getloadavg()[0] > (os.cpu_count() or 1) / 2:
+  os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+from bench import common  # noqa: E402  (first: provides ml_collections where missing)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import pretrain  # noqa: E402
+from e2e_vlp.losses import detection  # noqa: E402
+from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
+
+NUM_CLASSES = 91  # COCO's label space, as in DETR and HF's default head
+
+
+@dataclasses.dataclass(frozen=True)
+class DetrShape:
+  block: str  # 'basic' | 'bottleneck'
+  stage_sizes: tuple[int, ...]
+  width: int  # channels of the stem and stage 1 (before the bottleneck expansion)
+  d_model: int
+  layers: int  # encoder layers = decoder layers
+  heads: int
+  ffn: int
+  queries: int
+  batch: int
+  image: int  # square side in pixels
+  boxes: int  # real boxes per image
+
+  @property
+  def hidden_sizes(self) -> list[int]:
+    expansion = 4 if self.block == 'bottleneck' else 1
+    return [self.width * 2 ** i * expansion for i in range(len(self.stage_sizes))]
+
+
+SHAPES = {
+    'tiny': DetrShape('basic', (1, 1, 1, 1), 32, 128, 2, 4, 512, 50, 8, 256, 10),
+    'r50': DetrShape('bottleneck', (3, 4, 6, 3), 64, 256, 6, 8, 2048, 100, 2, 512, 10),
+}
+# DETR: stem and stage 1 frozen; HF's backbone after unfreezing stages 1-3 matches.
+FROZEN = (r'backbone/(conv1|layer1_\d+)/.*',)
+# Issue targets: our step time / HF's.
+TARGETS = {'tiny': 0.8, 'r50': 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  dtype: str = 'float32'
+  matcher: str = 'hungarian'
+  stop_frozen: bool = False
+
+  @property
+  def name(self) -> str:
+    extra = ', stop_gradient frozen' if self.stop_frozen else ''
+    return f'ours {self.dtype}, {self.matcher}{extra}'
+
+
+def detr_config(shape: DetrShape, variant: Variant) -> Any:
+  """The pre-training config (`base`) reshaped into DETR at `shape`: detection only."""
+  config = pretrain.get_config('base')
+  m = config.model
+  m.backbone.update(block=shape.block, stage_sizes=shape.stage_sizes, width=shape.width,
+                    norm='frozen_bn', stem='imagenet', dilation=False)
+  m.update(dtype=variant.dtype, d_model=shape.d_model, num_heads=shape.heads,
+           mlp_dim=shape.ffn, encoder_layers=shape.layers, decoder_layers=shape.layers,
+           num_queries=shape.queries, num_classes=NUM_CLASSES, num_attributes=1,
+           dropout=0.1, attention_dropout=0.0,  # HF DetrConfig defaults
+           reference_points=False, cell_class_head=False)
+  config.loss.det.update(aux_loss=True, matcher=variant.matcher)
+  config.optim.update(lr=1e-4, weight_decay=1e-4, clip_norm=0.1, warmup_steps=0,
+                      schedule='constant', lr_mults=(('backbone/.*', 0.1),), frozen=FROZEN)
+  return config
+
+
+def random_batch(shape: DetrShape, seed: int = 0) -> dict[str, np.ndarray]:
+  """Normalised-looking pixels and `shape.boxes` random cxcywh boxes per image."""
+  rng = np.random.default_rng(seed)
+  b, s, m = shape.batch, shape.image, shape.boxes
+  centres = rng.uniform(0.2, 0.8, (b, m, 2))
+  sizes = rng.uniform(0.05, 0.4, (b, m, 2))
+  return {
+      'image': rng.normal(size=(b, s, s, 3)).astype(np.float32),
+      'image_mask': np.ones((b, s, s), bool),
+      'boxes': np.concatenate([centres, sizes], -1).astype(np.float32),
+      'labels': rng.integers(0, NUM_CLASSES, (b, m)).astype(np.int32),
+      'box_mask': np.ones((b, m), bool),
+  }
+
+
+def ours_runner(shape: DetrShape, variant: Variant, batch: dict[str, np.ndarray]
+                ) -> common.StepRunner:
+  config = detr_config(shape, variant)
+  model = E2EVLP(config.model)
+
+  def init_variables(rng):
+    return model.init({'params': rng, 'dropout': rng}, batch['image'][:1],
+                      batch['image_mask'][:1], train=False, method=E2EVLP.detect)
+
+  def loss_fn(params, constants, batch, rng):
+    outputs = model.apply({'params': params, **constants}, batch['image'], batch['image_mask'],
+                          train=True, rngs={'dropout': rng}, method=E2EVLP.detect)
+    return detection.set_prediction_loss(outputs, batch, config.loss.det)
+
+  return common.make_step_runner(config, init_variables, loss_fn, batch,
+                                 stop_frozen=variant.stop_frozen)
+
+
+def param_count(tree: Any) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+# ---- the peer: Hugging Face DETR in PyTorch -----------------------------------------
+
+
+def hf_model(shape: DetrShape) -> Any:
+  """`DetrForObjectDetection` with random weights at `shape`, stages 1-3 trainable."""
+  from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig  # noqa: PLC0415
+  backbone = ResNetConfig(embedding_size=shape.width, hidden_sizes=shape.hidden_sizes,
+                          depths=list(shape.stage_sizes), layer_type=shape.block,
+                          out_features=[f'stage{len(shape.stage_sizes)}'])
+  config = DetrConfig(
+      use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+      num_labels=NUM_CLASSES, d_model=shape.d_model, encoder_layers=shape.layers,
+      decoder_layers=shape.layers, encoder_attention_heads=shape.heads,
+      decoder_attention_heads=shape.heads, encoder_ffn_dim=shape.ffn,
+      decoder_ffn_dim=shape.ffn, num_queries=shape.queries, auxiliary_loss=True)
+  model = DetrForObjectDetection(config)
+  unfreeze_detr_backbone(model)
+  return model
+
+
+def unfreeze_detr_backbone(model: Any) -> int:
+  """Makes backbone stages 1-3 trainable (original DETR); returns how many tensors."""
+  count = 0
+  for name, param in model.model.backbone.named_parameters():
+    if any(f'stages.{i}.' in name for i in (1, 2, 3)):
+      param.requires_grad_(True)
+      count += 1
+  if not count:
+    raise RuntimeError('Found no HF backbone parameters named "stages.N."; the '
+                       'transformers naming changed: update unfreeze_detr_backbone.')
+  return count
+
+
+def hf_step(model: Any, batch: dict[str, np.ndarray], *, device: str = 'cpu',
+            autocast_dtype: Any = None) -> Callable[[], Any]:
+  """One AdamW training step of `model` on `batch` (DETR's groups, clip 0.1)."""
+  import torch  # noqa: PLC0415
+  model.to(device).train()
+  pixels = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous().to(device)
+  pixel_mask = torch.from_numpy(batch['image_mask']).long().to(device)
+  labels = [{'class_labels': torch.from_numpy(l.astype(np.int64)).to(device),
+             'boxes': torch.from_numpy(b).to(device)}
+            for l, b in zip(batch['labels'], batch['boxes'])]
+  trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+  groups = [{'params': [p for n, p in trainable if 'backbone' not in n], 'lr': 1e-4},
+            {'params': [p for n, p in trainable if 'backbone' in n], 'lr': 1e-5}]
+  optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
+  params = [p for _, p in trainable]
+
+  def step():
+    with torch.autocast(device_type=device, dtype=autocast_dtype,
+                        enabled=autocast_dtype is not None):
+      loss = model(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.1)
+    optimizer.step()
+    return loss
+
+  return step
+
+
+def hf_param_count(model: Any) -> int:
+  return sum(p.numel() for p in model.parameters())
+
+
+# ---- the table ------------------------------------------------------------------------
+
+HfPeers = dict[str, Callable[[Any, dict[str, np.ndarray]], Callable[[], Any]]]
+
+
+def variants_for(shape_name: str, quick: bool) -> list[Variant]:
+  default, best = Variant(), Variant(matcher='scipy', stop_frozen=True)
+  if quick:
+    return [default, best]
+  return [default, Variant(matcher='scipy'), best,
+          Variant(dtype='bfloat16', matcher='scipy', stop_frozen=True)]
+
+
+def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],
+            hf_peers: HfPeers, repeats: dict[str, int]) -> tuple[list[tuple], list[str]]:
+  """Table rows and target lines; every ratio is against the fastest HF peer."""
+  rows, verdicts = [], []
+  for shape_name, shape in shapes.items():
+    batch = random_batch(shape)
+    hf = hf_model(shape)
+    fns = {name: make(hf, batch) for name, make in hf_peers.items()}
+    runners = {}
+    for variant in variants[shape_name]:
+      runners[variant.name] = ours_runner(shape, variant, batch)
+      fns[variant.name] = runners[variant.name]
+    ms = common.time_interleaved(fns, warmup=1, repeats=repeats[shape_name])
+    hf_ms = min(ms[name] for name in hf_peers)
+    ours_params = param_count(next(iter(runners.values())).state.params)
+    for name, value in ms.items():
+      runner = runners.get(name)
+      compile_s = (f'{runner.step.compile_s:.0f} / {runner.step.compile_cpu_s:.0f}' if runner
+                   else '-')
+      params = ours_params if runner else hf_param_count(hf)
+      rows.append((shape_name, name, f'{params / 1e6:.2f}', f'{value:.0f}',
+                   f'{value / hf_ms:.2f}x', compile_s))
+    best_name = min(runners, key=ms.get)
+    target = TARGETS.get(shape_name)
+    if target is None:
+      continue
+    verdicts.append(common.target_line(
+        f'{shape_name} step ours/HF (best: {best_name})', ms[best_name] / hf_ms, target,
+        at_most=True))
+    default = Variant().name
+    if best_name != default and default in ms:
+      verdicts.append(common.target_line(
+          f'{shape_name} step ours/HF (default config: {default})', ms[default] / hf_ms,
+          target, at_most=True))
+  return rows, verdicts
+
+
+HEADERS = ('shape', 'implementation', 'params M', 'ms/step (median)', 'vs HF',
+           'compile s (wall / CPU)')
+
+
+def run(quick: bool = False, repeats: int | None = None,
+        shapes: tuple[str, ...] = ('tiny', 'r50')) -> str:
+  """Markdown section: ms per step of every variant and of HF, and their ratios."""
+  import torch  # noqa: PLC0415
+  threads = os.cpu_count() or 1
+  torch.set_num_threads(threads)
+  default_reps = {'tiny': 3 if quick else 10, 'r50': 2 if quick else 3}
+  rows, verdicts = compare(
+      {k: SHAPES[k] for k in shapes}, {k: variants_for(k, quick) for k in shapes},
+      {'HF DETR (PyTorch float32)': hf_step}, {k: repeats or default_reps[k] for k in shapes})
+  return '\n'.join([
+      '## DETR training step: ours vs Hugging Face DetrForObjectDetection (PyTorch)', '',
+      common.load_note(), '', common.markdown_table(HEADERS, rows), '',
+      f'Shapes: {"; ".join(f"{k}: {SHAPES[k]}" for k in shapes)}.',
+      f'Peers interleaved, median after one warm-up step. PyTorch: {threads} threads, '
+      f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")} (see the module doc).',
+      ''] + verdicts)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='fewer variants and repeats')
+  parser.add_argument('--repeats', type=int, default=None)
+  parser.add_argument('--shapes', default='tiny,r50', help='comma-separated: tiny,r50')
+  args = parser.parse_args()
+  print(run(args.quick, args.repeats, tuple(args.shapes.split(','))))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The GPU benchmark on the device machine (one GPU): tables 1 and 2 of bench/gpu.py in bf16.
+#   bash bench/gpu.sh            # full run, about 5-8 minutes; Markdown also in $OUT/gpu.md
+#   bash bench/gpu.sh --smoke    # tiny sizes: a functional check, runs on CPU too
+# Needs jax (CUDA), flax, optax, torch, transformers, scipy; not TensorFlow, ml_collections.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+out="${OUT:-/tmp}/gpu.md"
+"${PYTHON:-python3}" bench/gpu.py --out "$out" "$@"

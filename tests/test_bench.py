@@ -1,0 +1,187 @@
+"""The benchmark suite's own pieces: timing, flop counts, the GPU script's TF-free mirrors,
+the frozen-parameter gradients, the HF DETR peer's backbone, and the GPU script's smoke run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import common
+from bench import detr_step
+from bench import gpu
+from bench import pretrain_step
+from bench import run_all
+from configs import pretrain
+from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.tasks import pretrain as pretrain_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_time_interleaved_takes_medians_of_interleaved_rounds(monkeypatch):
+  clock = [0.0]
+  calls = []
+  durations = {'a': iter([9.0, 0.001, 0.005, 0.003]), 'b': iter([9.0, 0.010, 0.030, 0.020])}
+
+  def make(name):
+    def fn():
+      calls.append(name)
+      clock[0] += next(durations[name])
+    return fn
+
+  monkeypatch.setattr(common.time, 'perf_counter', lambda: clock[0])
+  ms = common.time_interleaved({'a': make('a'), 'b': make('b')}, warmup=1, repeats=3)
+  assert ms == pytest.approx({'a': 3.0, 'b': 20.0})  # the warm-up's 9 s is not counted
+  assert calls == ['a', 'b'] * 4
+
+
+def test_compile_with_stats_counts_matmul_flops():
+  m, k, n = 64, 48, 32
+  compiled = common.compile_with_stats(jax.jit(jnp.matmul), jnp.ones((m, k)), jnp.ones((k, n)))
+  assert compiled.flops == 2 * m * k * n
+  np.testing.assert_allclose(compiled.fn(jnp.ones((m, k)), jnp.ones((k, n))), k)
+  assert compiled.compile_s > 0
+
+
+def test_target_line_and_table():
+  assert common.target_line('x', 0.5, 0.8, at_most=True).endswith('0.50x, met')
+  assert 'NOT reached' in common.target_line('x', 0.5, 0.8, at_most=False)
+  assert common.markdown_table(('a', 'b'), [(1, 2)]) == '| a | b |\n|---|---|\n| 1 | 2 |'
+
+
+def test_pipeline_verdict_reads_the_tiny_train_row():
+  table = ('| resolution | pipeline | host batch | examples/s | ms/batch | state MB | state '
+           'save ms | train step examples/s |\n|---|---|---|---|---|---|---|---|\n'
+           '| tiny 96 | pretrain eval | 32 | 500.0 | 64.0 | 1.0 | 3 | 20.0 |\n'
+           '| tiny 96 | pretrain train | 32 | 100.0 | 320.0 | 1.0 | 3 | 20.0 |\n')
+  assert run_all.pipeline_verdict(table).endswith('5.00x, met')
+  assert 'not evaluated' in run_all.pipeline_verdict(table.replace('20.0 |\n', '- |\n'))
+
+
+def test_stop_frozen_gradients_zeroes_exactly_the_frozen_group():
+  params = {'backbone': {'conv1': {'kernel': jnp.arange(3.0)},
+                         'layer2_0': {'kernel': jnp.arange(3.0) + 1}},
+            'head': {'kernel': jnp.ones(2)}}
+  optim = pretrain.get_config('base').optim  # frozen: backbone stem and stage 1
+
+  def loss(p, scale):
+    return scale * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))
+
+  grads = jax.grad(common.stop_frozen_gradients(loss, optim, params))(params, 2.0)
+  reference = jax.grad(loss)(params, 2.0)
+  np.testing.assert_array_equal(grads['backbone']['conv1']['kernel'], 0.0)
+  np.testing.assert_allclose(grads['backbone']['layer2_0']['kernel'],
+                             reference['backbone']['layer2_0']['kernel'])
+  np.testing.assert_allclose(grads['head']['kernel'], reference['head']['kernel'])
+
+
+@pytest.mark.parametrize('variant', ['tiny', 'base'])
+def test_gpu_batch_shapes_mirror_the_task(variant):
+  config = pretrain.get_config(variant)
+  assert gpu.batch_shapes(config, 3) == pretrain_task.batch_shapes(config, 3)
+
+
+def test_gpu_losses_mirror_the_task_and_synthetic_batch_obeys_the_contract():
+  config = pretrain.get_config('tiny')
+  config.loss.det.matcher = 'scipy'  # same answer, no in-graph solver to trace
+  batch = pretrain_step.synthetic_batch(config, 4, pretrain_task.batch_shapes, seed=1)
+  spec = pretrain_task.batch_shapes(config, 4)
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+      k: (s.shape, s.dtype) for k, s in spec.items()}
+  assert np.all((batch['mlm_labels'] == -1) | (batch['mlm_labels'] == batch['text_ids']))
+  assert batch['box_mask'].any(1).all() and (batch['boxes'][..., 2:] > 0).all()
+  corners = np.concatenate([batch['boxes'][..., :2] - batch['boxes'][..., 2:] / 2,
+                            batch['boxes'][..., :2] + batch['boxes'][..., 2:] / 2], -1)
+  assert corners.min() >= 0 and corners.max() <= 1
+
+  m = config.model
+  rng = np.random.default_rng(0)
+  b, l, t, n, q, d = 4, config.data.max_text_len, config.data.max_caption_len, 36, 20, 3
+  outputs = {
+      'mlm_logits': rng.normal(size=(b, l, m.vocab_size)),
+      'itm_logits': rng.normal(size=(b, 2)),
+      'det_class_logits': rng.normal(size=(d, b, q, m.num_classes + 1)),
+      'det_attr_logits': rng.normal(size=(d, b, q, m.num_attributes)),
+      'det_boxes': rng.uniform(0.1, 0.9, (d, b, q, 4)),
+      'caption_logits': rng.normal(size=(b, t, m.vocab_size)),
+      'cell_class_logits': rng.normal(size=(b, n, m.num_classes + 1)),
+      'visual_mask': np.ones((b, n), bool),
+      'cell_centers': rng.uniform(0, 1, (b, n, 2)),
+  }
+  outputs = {k: jnp.asarray(v, jnp.float32 if v.dtype == np.float64 else v.dtype)
+             for k, v in outputs.items()}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  both = jax.jit(lambda o, b: (gpu.pretrain_losses(o, b, config),
+                               pretrain_task.pretrain_losses(o, b, config)))
+  (total, metrics), (want_total, want_metrics) = both(outputs, batch)
+  np.testing.assert_allclose(total, want_total, rtol=1e-6)
+  assert metrics.keys() == want_metrics.keys()
+  for key, value in want_metrics.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-6, err_msg=key)
+
+
+def test_config_stand_in_equals_ml_collections():
+  """Without ml_collections (the GPU image) configs/ still builds the same configs."""
+  script = ('import sys, json; sys.modules["ml_collections"] = None\n'
+            'from bench import common\n'
+            'from configs import pretrain\n'
+            'from e2e_vlp.models.e2e_vlp import E2EVLP\n'
+            'c = pretrain.get_config("base"); assert c.model.get("num_answers", 0) == 0\n'
+            'print(json.dumps({v: pretrain.get_config(v).to_dict() for v in ("tiny", "base")}))')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                       text=True, check=True).stdout
+  want = {v: pretrain.get_config(v).to_dict() for v in ('tiny', 'base')}
+  assert json.loads(out) == json.loads(json.dumps(want))
+
+
+def test_hf_detr_backbone_unfrozen_like_ours():
+  """HF's filter freezes the whole backbone; after the fix the trainable backbone tensors
+  are those our optimizer trains (stages 2-4 convs, stem and stage 1 frozen)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import DetrForObjectDetection  # pylint: disable=g-import-not-at-top
+  shape = detr_step.DetrShape('bottleneck', (1, 1, 1, 1), 8, 32, 1, 4, 64, 10, 2, 64, 3)
+  model = detr_step.hf_model(shape)
+  trainable = {n: p.numel() for n, p in model.model.backbone.named_parameters()
+               if p.requires_grad}
+  assert trainable and all('stages.0' not in n and 'embedder' not in n for n in trainable)
+  fresh = DetrForObjectDetection(model.config)
+  assert not any(p.requires_grad for p in fresh.model.backbone.parameters())  # the bug
+
+  config = detr_step.detr_config(shape, detr_step.Variant())
+  image = jnp.zeros((1, shape.image, shape.image, 3))
+  variables = common.state_lib.strip_boxes(jax.eval_shape(lambda: E2EVLP(config.model).init(
+      jax.random.key(0), image, jnp.ones(image.shape[:3], bool), method=E2EVLP.detect)))
+  groups = common.optimizer_lib.parameter_groups(
+      config.optim, variables['params'])['lr_mult']
+  ours = jax.tree.leaves(jax.tree.map(lambda v, mult: v.size if mult else 0,
+                                      variables['params']['backbone'], groups['backbone']))
+  assert sum(ours) == sum(trainable.values())
+  assert isinstance(model, torch.nn.Module)
+
+
+def test_gpu_script_smoke_run_without_tensorflow_or_ml_collections():
+  """The GPU image's conditions: neither package importable, one device."""
+  script = ('import runpy, sys\n'
+            'for name in ("tensorflow", "tensorflow_datasets", "ml_collections", "clu"):\n'
+            '  sys.modules[name] = None\n'
+            'sys.argv = ["bench/gpu.py", "--smoke"]\n'
+            'runpy.run_path("bench/gpu.py", run_name="__main__")')
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.stdout.splitlines()
+          if line.startswith('| smoke |') or line.startswith('| tiny (')]
+  names = [r[1] for r in rows if r[0] == 'smoke']
+  assert names == ['HF DETR (PyTorch float32)', 'HF DETR (PyTorch bf16 autocast)',
+                   'ours bfloat16, hungarian']
+  ratios = [float(r[4].rstrip('x')) for r in rows if r[0] == 'smoke']
+  assert min(ratios[:2]) == pytest.approx(1.0) and ratios[2] > 0  # vs the fastest HF row
+  (pretrain_row,) = [r for r in rows if r[0] != 'smoke']
+  assert float(pretrain_row[6]) > 0 and 0 < float(pretrain_row[9]) < 10  # GFLOP, fraction
