@@ -7,9 +7,9 @@ Table 2: the full pre-training step at `tiny` and `base` (bf16 compute) with XLA
 count as a fraction of a bf16 8192^3 matmul measured in the same run.
 
 The GPU image has jax (CUDA), flax, optax, orbax, torch and transformers but neither
-TensorFlow nor ml_collections. So this script imports no e2e_vlp.data / e2e_vlp.tasks
-(TensorFlow): `batch_shapes` and `pretrain_losses` below mirror e2e_vlp.tasks.pretrain
-(tests/test_bench.py checks they agree), and bench.common stands in for ml_collections.
+TensorFlow nor ml_collections. So this script imports no e2e_vlp.data and no task module
+(TensorFlow): `batch_shapes` and `pretrain_losses` come from the TF-free
+e2e_vlp.tasks.pretrain_objective, and bench.common stands in for ml_collections.
 
 Usage: bash bench/gpu.sh (on the GPU machine, e.g. the device tool's `run` with
        timeout_s=540; about 5-7 minutes, mostly compilation), or
@@ -22,7 +22,6 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # JAX and PyTorch share the GPU: JAX must not grab 75% of its memory up front.
@@ -35,56 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench import detr_step  # noqa: E402
 from bench import pretrain_step  # noqa: E402
-from e2e_vlp.losses import detection as det_losses  # noqa: E402
-from e2e_vlp.losses import text as text_losses  # noqa: E402
-
-# ---- TF-free mirrors of e2e_vlp.tasks.pretrain ------------------------------------------
-
-
-def batch_shapes(config: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Mirror of `e2e_vlp.tasks.pretrain.batch_shapes` (the data contract)."""
-  d = config.data
-  s, l, t, m, k = (d.image_size, d.max_text_len, d.max_caption_len, d.max_boxes,
-                   d.max_attributes)
-  spec = {
-      'image': ((s, s, 3), jnp.float32), 'image_mask': ((s, s), jnp.bool_),
-      'text_ids': ((l,), jnp.int32), 'text_mask': ((l,), jnp.bool_),
-      'mlm_labels': ((l,), jnp.int32), 'itm_label': ((), jnp.int32),
-      'caption_in': ((t,), jnp.int32), 'caption_out': ((t,), jnp.int32),
-      'caption_mask': ((t,), jnp.bool_), 'boxes': ((m, 4), jnp.float32),
-      'labels': ((m,), jnp.int32), 'attributes': ((m, k), jnp.int32),
-      'box_mask': ((m,), jnp.bool_),
-  }
-  return {key: jax.ShapeDtypeStruct((batch_size,) + shape, dtype)
-          for key, (shape, dtype) in spec.items()}
-
-
-def pretrain_losses(outputs: dict[str, jax.Array], batch: dict[str, jax.Array], config: Any
-                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mirror of `e2e_vlp.tasks.pretrain.pretrain_losses`: the weighted loss sum."""
-  w = config.loss
-  positive = batch['itm_label'].astype(jnp.float32)
-  terms = {
-      'mlm': (w.mlm, lambda: text_losses.mlm_loss(
-          outputs['mlm_logits'], batch['mlm_labels'],
-          None if w.mlm_on_negatives else positive)),
-      'itm': (w.itm, lambda: text_losses.itm_loss(outputs['itm_logits'], batch['itm_label'])),
-      'detection': (w.detection, lambda: det_losses.set_prediction_loss(outputs, batch, w.det)),
-      'caption': (w.caption, lambda: text_losses.caption_loss(
-          outputs['caption_logits'], batch['caption_out'], batch['caption_mask'],
-          label_smoothing=w.label_smoothing)),
-      'cell_class': (w.cell_class, lambda: det_losses.cell_class_loss(
-          outputs['cell_class_logits'], outputs['cell_centers'], outputs['visual_mask'], batch)),
-  }
-  total, metrics = jnp.zeros((), jnp.float32), {}
-  for name, (weight, fn) in terms.items():
-    if weight:
-      loss, term_metrics = fn()
-      total = total + weight * loss
-      metrics.update(term_metrics)
-      metrics[f'{name}_loss'] = loss
-  return total, metrics
-
+from e2e_vlp.tasks.pretrain_objective import batch_shapes, pretrain_losses  # noqa: E402
 
 # ---- what runs ----------------------------------------------------------------------------
 

@@ -83,10 +83,9 @@ def setting_config(setting: Setting) -> Any:
 
 
 def task_pieces() -> tuple[ShapesFn, LossesFn]:
-  """`batch_shapes` and `pretrain_losses` of e2e_vlp.tasks.pretrain (imports TensorFlow)."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from e2e_vlp.tasks import pretrain as pretrain_task  # noqa: PLC0415
-  return pretrain_task.batch_shapes, pretrain_task.pretrain_losses
+  """`batch_shapes` and `pretrain_losses` of the pre-training task."""
+  from e2e_vlp.tasks import pretrain_objective  # noqa: PLC0415
+  return pretrain_objective.batch_shapes, pretrain_objective.pretrain_losses
 
 
 def synthetic_batch(config: Any, batch_size: int, shapes: ShapesFn, seed: int = 0
