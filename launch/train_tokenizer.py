@@ -19,7 +19,7 @@ from e2e_vlp.data import tokenizer
 flags.DEFINE_string('captions_json', None, 'COCO captions or Karpathy JSON file.')
 flags.DEFINE_integer('vocab_size', None, 'Exact size of the written vocabulary.')
 flags.DEFINE_string('out', None, 'Output folder.')
-flags.DEFINE_enum('model_type', 'unigram', ['unigram', 'bpe'], 'sentencepiece algorithm.')
+flags.DEFINE_enum('model_type', 'bpe', ['unigram', 'bpe'], 'sentencepiece algorithm.')
 flags.mark_flags_as_required(['captions_json', 'vocab_size', 'out'])
 
 

@@ -288,8 +288,13 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def learn_vocab(captions: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, *,
-                model_type: str = 'unigram') -> str:
+                model_type: str = 'bpe') -> str:
   """Learns a sentencepiece vocabulary on captions and writes it as WordPiece vocab.txt.
+
+  BPE by default: on the embedded corpus' 44-word captions, sentencepiece's unigram model
+  kept only ~60 pieces and split 'yellow' into y ##el ##l ##o ##w (25.6 tokens per
+  caption, so 24-token texts lost their last objects and MLM learned spelling), while BPE
+  keeps every word whole (11.0 tokens per caption).
 
   The captions go through the BERT basic tokenizer first, so sentencepiece sees the
   same words `Tokenizer` will split. Word-initial pieces `▁x` become `x`, the others

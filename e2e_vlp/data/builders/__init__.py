@@ -88,7 +88,7 @@ def prepare_embedded(cache_dir: str | os.PathLike, *, num_train: int, num_val: i
 
   Idempotent: each step reuses what an earlier call left in `cache_dir`, and each
   writes atomically. Layout, with key = embedded_<train>_<val>_seed<seed>_px<size>:
-  raw/<key>/ (the corpus), tfds/<key>/ (TFDS data_dir), tokenizer/<key>_vocab<N>/.
+  raw/<key>/ (the corpus), tfds/<key>/ (TFDS data_dir), tokenizer/<key>_vocab<N>_bpe/.
 
   Returns:
     (TFDS data_dir, path of the vocab.txt learned on the training captions).
@@ -103,7 +103,7 @@ def prepare_embedded(cache_dir: str | os.PathLike, *, num_train: int, num_val: i
     if not name.startswith('embedded'):
       raise ValueError(f'{name!r} is not an embedded-corpus dataset.')
     build(name, raw_dir, data_dir)
-  tokenizer_dir = os.path.join(cache_dir, 'tokenizer', f'{key}_vocab{vocab_size}')
+  tokenizer_dir = os.path.join(cache_dir, 'tokenizer', f'{key}_vocab{vocab_size}_bpe')
   captions = os.path.join(raw_dir, 'annotations', 'captions_train2014.json')
   tokenizer.default_tokenizer(tokenizer_dir, _lazy(tokenizer.load_captions, captions), vocab_size)
   return data_dir, os.path.join(tokenizer_dir, 'vocab.txt')
