@@ -20,11 +20,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.task = 'caption'
 
   d = config.data
-  # tiny: the embedded corpus in Karpathy splits (train / val / test). base: COCO captions
-  # 2014 train / val; the Karpathy test split needs a builder over dataset_coco.json.
-  d.dataset = 'embedded_retrieval' if tiny else 'coco_captions'
+  # Karpathy splits (train / val / test) of the embedded corpus (tiny) or of COCO 2014
+  # (base: dataset_coco.json, 113,287 / 5,000 / 5,000 images, restval in train).
+  d.dataset = 'embedded_retrieval' if tiny else 'coco_karpathy'
   d.train_split = 'train'
-  d.eval_split = 'val'
+  d.eval_split = 'val'  # report 'test', scored against all references of each image
   d.crop_prob = 0.0  # a crop can cut away what the caption names (assumed)
 
   config.loss.label_smoothing = 0.1  # assumed (common in caption fine-tuning)

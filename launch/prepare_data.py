@@ -4,6 +4,8 @@ r"""Builds one dataset into TFDS shards from its raw files.
   python launch/prepare_data.py --dataset embedded_vqa
   python launch/prepare_data.py --dataset coco_captions --manual_dir ~/raw/coco \
       --data_dir ~/tensorflow_datasets
+  python launch/prepare_data.py --dataset coco_karpathy --manual_dir ~/raw/coco \
+      --data_dir ~/tensorflow_datasets     # dataset_coco.json + train2014/ val2014/
   python launch/prepare_data.py --dataset visual_genome --manual_dir ~/raw/vg \
       --data_dir ~/tensorflow_datasets --num_classes 1600 --num_attributes 400
 

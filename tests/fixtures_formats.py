@@ -133,19 +133,31 @@ def nlvr2_image_path(root: str, stem: str, identifier: str, k: int,
 
 
 def write_karpathy(root: str, name: str, images: Sequence[dict[str, Any]]) -> None:
-  """Karpathy's dataset_*.json; images: dicts with filename, split, captions (+ extras)."""
+  """Karpathy's dataset_*.json; images: dicts with filename, split, captions (+ extras).
+
+  `tokens` are his lower-cased, punctuation-free words; `dataset` is the name in
+  dataset_<name>.json (flickr30k, coco).
+  """
   out, sentid = [], 0
   for imgid, im in enumerate(images):
     sentences = []
     for c in im['captions']:
-      sentences.append({'tokens': c.lower().split(), 'raw': c, 'imgid': imgid,
-                        'sentid': sentid})
+      tokens = ''.join(ch if ch.isalnum() else ' ' for ch in str(c).lower()).split()
+      sentences.append({'tokens': tokens, 'raw': c, 'imgid': imgid, 'sentid': sentid})
       sentid += 1
     entry = {'sentids': [s['sentid'] for s in sentences], 'imgid': imgid,
              'sentences': sentences, 'split': im['split'], 'filename': im['filename']}
     entry.update({k: v for k, v in im.items() if k not in ('captions', 'split', 'filename')})
     out.append(entry)
-  _dump(os.path.join(root, name), {'images': out, 'dataset': 'flickr30k'})
+  dataset = os.path.splitext(name)[0].removeprefix('dataset_')
+  _dump(os.path.join(root, name), {'images': out, 'dataset': dataset})
+
+
+def karpathy_coco_image(cocoid: int, split: str, captions: Sequence[Any]) -> dict[str, Any]:
+  """An entry of dataset_coco.json: train images from train2014, the rest from val2014."""
+  folder = 'train2014' if split == 'train' else 'val2014'  # restval / val / test: COCO val
+  return {'filepath': folder, 'filename': f'COCO_{folder}_{cocoid:012d}.jpg', 'cocoid': cocoid,
+          'split': split, 'captions': list(captions)}
 
 
 def write_visual_genome(root: str, images: Sequence[dict[str, Any]],

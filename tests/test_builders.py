@@ -9,7 +9,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import fixtures_formats as ff
-from e2e_vlp.data import builders, corpus, records
+from configs import caption as caption_config
+from e2e_vlp.data import builders, corpus, finetune_pipelines, records
 from e2e_vlp.data.builders import visual_genome, vqa_v2
 
 tfds.disable_progress_bar()
@@ -214,6 +215,77 @@ def test_flickr30k_karpathy_splits(tmp_path):
   assert [c.decode() for c in val[1002]['captions']] == ['A bird.']
   assert list(_examples(builder, 'test', 'image/id')) == [1003]
   assert builder.info.metadata['bad_input']['val'] == {'empty_caption': 1}
+
+
+@pytest.fixture
+def coco_karpathy_dir(tmp_path):
+  """dataset_coco.json with every split, both image layouts and bad inputs."""
+  root = str(tmp_path / 'coco')
+  five = [f'A dog number {k}.' for k in range(5)]
+  entries = [
+      ff.karpathy_coco_image(9, 'train', five),
+      ff.karpathy_coco_image(10, 'restval', ['A cat sits.']),  # restval joins train
+      ff.karpathy_coco_image(20, 'val', ['', '  ', None]),  # no usable caption
+      ff.karpathy_coco_image(21, 'val', ['A bird.']),  # image under images/val2014/
+      ff.karpathy_coco_image(22, 'val', ['A horse.']),  # no filepath: found in val2014/
+      ff.karpathy_coco_image(30, 'test', five),
+      ff.karpathy_coco_image(31, 'test', five + ['A sixth caption.']),  # a few have 6-7
+      ff.karpathy_coco_image(32, 'test', ['missing image']),
+      ff.karpathy_coco_image(33, 'test', ['truncated image']),
+  ]
+  del entries[4]['filepath']
+  path = lambda e, *prefix: os.path.join(root, *prefix, 'val2014' if e['cocoid'] != 9
+                                         else 'train2014', e['filename'])
+  pixels = {9: ff.write_image(path(entries[0]), seed=9),
+            30: ff.write_image(path(entries[5]), 30, 20, seed=30)}
+  ff.write_image(path(entries[1]), mode='L')
+  ff.write_image(path(entries[2]))
+  ff.write_image(path(entries[3], 'images'))
+  ff.write_image(path(entries[4]))
+  ff.write_image(path(entries[6]))
+  ff.write_truncated_jpeg(path(entries[8]))
+  ff.write_karpathy(root, 'dataset_coco.json', entries)
+  return root, pixels
+
+
+def test_coco_karpathy_splits_captions_images_and_bad_input(coco_karpathy_dir, tmp_path):
+  root, pixels = coco_karpathy_dir
+  builder = builders.build('coco_karpathy', root, tmp_path / 'tfds')
+  assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {
+      'train': 2, 'val': 2, 'test': 2}
+  train = _examples(builder, 'train', 'image/id')
+  assert sorted(train) == [9, 10]  # image ids are the COCO ids
+  assert [c.decode() for c in train[9]['captions']] == [f'A dog number {k}.' for k in range(5)]
+  assert train[9]['image/filename'] == b'COCO_train2014_000000000009.jpg'
+  assert np.abs(train[9]['image'].astype(int) - pixels[9]).mean() < 3  # JPEG of the pixels
+  assert train[10]['image'].shape == (30, 40, 3)  # grayscale -> RGB
+  val = _examples(builder, 'val', 'image/id')
+  assert sorted(val) == [21, 22] and val[22]['captions'].tolist() == [b'A horse.']
+  test = _examples(builder, 'test', 'image/id')
+  assert sorted(test) == [30, 31] and test[30]['image'].shape == (20, 30, 3)
+  raw = builder.as_dataset(split='test', decoders={'image': tfds.decode.SkipDecoding()})
+  stored = {int(e['image/id']): e['image'] for e in tfds.as_numpy(raw)}
+  with open(os.path.join(root, 'val2014', 'COCO_val2014_000000000030.jpg'), 'rb') as f:
+    assert stored[30] == f.read()  # an RGB JPEG is stored byte for byte
+  assert builder.info.metadata['bad_input'] == {
+      'train': {'converted_image': 1}, 'val': {'empty_caption': 3, 'no_captions': 1},
+      'test': {'missing_image': 1, 'corrupt_image': 1}}
+  # The base caption config evaluates on these references: every caption of each image.
+  references = finetune_pipelines.load_references(
+      caption_config.get_config('base').data, 'test', data_dir=str(tmp_path / 'tfds'))
+  with open(os.path.join(root, 'dataset_coco.json')) as f:
+    raw_json = {im['cocoid']: [s['raw'] for s in im['sentences']]
+                for im in json.load(f)['images']}
+  assert references == {30: raw_json[30], 31: raw_json[31]}
+  assert len(references[30]) == 5 and len(references[31]) == 6
+
+
+def test_coco_karpathy_without_its_json_says_what_to_place(tmp_path):
+  ff.write_image(str(tmp_path / 'coco' / 'val2014' / 'COCO_val2014_000000000001.jpg'))
+  ff.write_karpathy(str(tmp_path / 'coco'), 'dataset_flickr30k.json',
+                    [dict(filename='1.jpg', split='test', captions=['a'])])
+  with pytest.raises(FileNotFoundError, match='dataset_coco.json not found.*train2014'):
+    builders.build('coco_karpathy', tmp_path / 'coco', tmp_path / 'tfds')
 
 
 def test_visual_genome_top_k_vocabularies(tmp_path):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pycocoevalcap import eval as pycocoevalcap_eval
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -125,21 +126,6 @@ def test_contrastive_loss_matches_numpy_infonce():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_candidates_rank_only_top_k_and_all_when_k_is_zero():
-  rng = np.random.default_rng(2)
-  sim = rng.normal(size=(3, 6))
-  i2t, t2i = retrieval.candidate_pairs(sim, 2)
-  assert (i2t.sum(axis=1) == 2).all() and (t2i.sum(axis=0) == 2).all()
-  for i in range(3):
-    assert set(np.flatnonzero(i2t[i])) == set(np.argsort(-sim[i])[:2])
-  assert all(m.all() for m in retrieval.candidate_pairs(sim, 0))
-  scores = rng.normal(size=(3, 6))
-  text_to_image = np.array([0, 0, 1, 1, 2, 2])
-  assert retrieval.recall_from_candidates(scores, *retrieval.candidate_pairs(sim, 0),
-                                          text_to_image) == retrieval_eval.retrieval_recall(
-                                              scores, text_to_image)
-
-
 # ---------------------------------------------------------------------- end to end
 
 
@@ -183,15 +169,25 @@ def test_nlvr2_trains_and_evaluates_on_every_dev_pair(cache_dir, tmp_path):
   assert 0 <= result['eval/nlvr2_accuracy'] <= 100 and abs(correct - round(correct)) < 1e-9
 
 
-def test_caption_results_load_in_pycocotools(cache_dir, tmp_path):
+class _NoSpice:
+  """Stands in for pycocoevalcap's SPICE, which downloads Stanford CoreNLP (offline here)."""
+
+  def method(self) -> str:
+    return 'SPICE'
+
+  def compute_score(self, gts, res):
+    del res
+    return float('nan'), [float('nan')] * len(gts)
+
+
+def test_caption_metrics_are_pycocoevalcap_on_the_written_results(cache_dir, tmp_path,
+                                                                  monkeypatch):
   config = _shrink(caption_config.get_config('tiny'), cache_dir)
   config.eval.max_len, config.eval.beam_size = 8, 2
-  config.eval.meteor = False  # its Java scorer is slow to start; tests/test_eval_captions.py
+  assert config.eval.meteor  # the default: METEOR's Java scorer runs
   workdir = str(tmp_path / 'caption')
   result = loop.run(config, workdir)
-  for name in ('Bleu_4', 'ROUGE_L', 'CIDEr'):
-    assert np.isfinite(result[f'eval/{name}'])
-  assert result['eval/SPICE'] is None and 'eval/METEOR' not in result
+  assert result['eval/SPICE'] is None  # unavailable offline, reported as such
 
   with open(_raw(cache_dir, 'dataset_embedded.json')) as f:
     val_ids = {im['cocoid'] for im in json.load(f)['images'] if im['split'] == 'val'}
@@ -199,12 +195,23 @@ def test_caption_results_load_in_pycocotools(cache_dir, tmp_path):
   res = gt.loadRes(os.path.join(workdir, 'caption_results_val_step2.json'))
   assert set(res.getImgIds()) == val_ids
   assert all(isinstance(a['caption'], str) for a in res.dataset['annotations'])
+  # Independent reference: the official driver on the written file and the corpus' own
+  # COCO references (the run read them from the Karpathy JSON through TFDS), SPICE left out.
+  monkeypatch.setattr(pycocoevalcap_eval, 'Spice', _NoSpice)
+  official = pycocoevalcap_eval.COCOEvalCap(gt, res)
+  official.params['image_id'] = res.getImgIds()
+  official.evaluate()
+  assert result['eval/caption_images'] == len(val_ids)
+  for name in ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr'):
+    assert np.isfinite(result[f'eval/{name}']), name
+    np.testing.assert_allclose(result[f'eval/{name}'], official.eval[name], rtol=1e-9,
+                               atol=1e-12, err_msg=name)
 
 
 def test_retrieval_ranking_matches_exhaustive_itm_and_top_k_filters(cache_dir, tmp_path):
   config = _shrink(retrieval_config.get_config('tiny'), cache_dir)
   config.eval.pair_batch_size = 64
-  config.eval.retrieval_top_k = 0  # the loop's evaluation ranks every pair
+  config.eval.retrieval_top_k = 1000  # >= the gallery (8 images, 40 captions): every pair
   workdir = str(tmp_path / 'retrieval')
   result = loop.run(config, workdir)
   assert np.isfinite(result['itm_loss']) and np.isfinite(result['contrastive_loss'])
@@ -232,13 +239,21 @@ def test_retrieval_ranking_matches_exhaustive_itm_and_top_k_filters(cache_dir, t
   assert result['eval/retrieval_pairs_scored'] == num_images * num_texts
   assert {k: result[f'eval/{k}'] for k in want} == pytest.approx(want)
 
-  # With k = 2 only the first-stage top 2 of each query get an ITM pass.
+  # With k = 2 only the first-stage top 2 of each query get an ITM pass, and each query
+  # ranks them by the exhaustive ITM scores (the ranking itself is checked against brute
+  # force in tests/test_eval_retrieval.py).
   config.eval.retrieval_top_k = 2
   mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'model': 1}, devices=jax.devices()[:1])
+  rules = sharding.logical_axis_rules('dp')
   params, constants = state_lib.split_variables(variables)
-  got = task.evaluate(params, constants, step=2, workdir=workdir, mesh=mesh,
-                      rules=sharding.logical_axis_rules('dp'))
-  assert num_texts < got['retrieval_pairs_scored'] <= 2 * (num_images + num_texts)
+  got = task.evaluate(params, constants, step=2, workdir=workdir, mesh=mesh, rules=rules)
+  gallery = task.encode_gallery(variables, mesh=mesh, rules=rules, split='val')
+  np.testing.assert_array_equal(gallery['text_to_image'], text_to_image)
+  i2t, t2i = retrieval_eval.candidate_pairs(gallery['image_emb'] @ gallery['text_emb'].T, 2)
+  assert got['retrieval_pairs_scored'] == (i2t | t2i).sum() < num_images * num_texts
+  want = retrieval_eval.recall_from_candidates(exhaustive.reshape(num_images, num_texts),
+                                               i2t, t2i, text_to_image)
+  assert {k: got[k] for k in want} == pytest.approx(want)
   # Two candidates per image: its captions are found at rank 0 or 1, or after all 40.
   assert got['i2t_r5'] == got['i2t_r10']
 

@@ -12,6 +12,11 @@ as ranked above the ground truth when its score is greater *or equal*, so a cons
 score matrix gives recall 0 rather than credit for luck of the sort order. Ties between
 two ground-truth texts of one image do not matter (either is a hit).
 Recalls are in percent; `rsum` is the sum of all of them (six at the default K = 1, 5, 10).
+
+Two-stage ranking (`candidate_pairs`, `recall_from_candidates`): a cheap first-stage
+similarity picks each query's top-k candidates, only those get the expensive score, and
+each query ranks its candidates by that score; what it did not retain ranks after all of
+them, tied (so pessimistically ahead of a ground truth that was not retained either).
 """
 
 from typing import Sequence
@@ -105,3 +110,58 @@ def retrieval_recall(scores: np.ndarray, text_to_image: np.ndarray,
 def rsum(metrics: dict[str, float]) -> float:
   """Sum of the recall@K entries (`i2t_r*`, `t2i_r*`) of a `retrieval_recall` result."""
   return float(sum(v for k, v in metrics.items() if k.startswith(('i2t_r', 't2i_r'))))
+
+
+def candidate_pairs(similarity: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The pairs each direction re-ranks: the top_k texts of each image, images of each text.
+
+  Args:
+    similarity: `[I, T]` first-stage image-text similarities.
+    top_k: candidates per query; 0, or at least the gallery size, keeps every pair. Ties
+      keep the lower index.
+
+  Returns:
+    (`[I, T]` bool, the image->text candidates; `[I, T]` bool, the text->image ones).
+  """
+  similarity = np.asarray(similarity)
+  if top_k < 0:
+    raise ValueError(f'top_k={top_k} must be >= 0 (0 keeps every pair).')
+  num_images, num_texts = similarity.shape
+  i2t = np.ones(similarity.shape, bool)
+  t2i = np.ones(similarity.shape, bool)
+  if top_k and top_k < num_texts:
+    i2t[:] = False
+    best = np.argsort(-similarity, axis=1, kind='stable')[:, :top_k]
+    np.put_along_axis(i2t, best, True, axis=1)
+  if top_k and top_k < num_images:
+    t2i[:] = False
+    best = np.argsort(-similarity, axis=0, kind='stable')[:top_k]
+    np.put_along_axis(t2i, best, True, axis=0)
+  return i2t, t2i
+
+
+def recall_from_candidates(scores: np.ndarray, i2t: np.ndarray, t2i: np.ndarray,
+                           text_to_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+                           ) -> dict[str, float]:
+  """Recall@K both ways when each query ranks only its candidates by `scores`.
+
+  Args:
+    scores: `[I, T]` second-stage scores; entries outside both candidate sets are unused
+      (they may be anything but NaN, e.g. -inf where never computed).
+    i2t, t2i: `[I, T]` bool candidates of `candidate_pairs`.
+    text_to_image: `[T]` int, the image index of each text.
+    ks: the K values.
+
+  Returns:
+    As `retrieval_recall`.
+  """
+  scores = np.asarray(scores, np.float64)
+  for name, keep in (('i2t', i2t), ('t2i', t2i)):
+    if np.shape(keep) != scores.shape:
+      raise ValueError(f'{name} candidates have shape {np.shape(keep)}; scores {scores.shape}.')
+  out = {}
+  for name, keep in (('i2t', i2t), ('t2i', t2i)):
+    recall = retrieval_recall(np.where(keep, scores, -np.inf), text_to_image, ks)
+    out.update({k: v for k, v in recall.items() if k.startswith(name)})
+  out['rsum'] = rsum(out)
+  return out

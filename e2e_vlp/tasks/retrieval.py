@@ -17,7 +17,8 @@ the backbone runs once per image and its visual tokens are reused by every pair;
 and each caption its k most similar images (first-stage cosine), so the ITM head scores at
 most k (N + T) pairs instead of N x T; k = 0 ranks every pair. What a query does not
 re-rank ranks after all its candidates, tied (ties count against the ground truth).
-Recall@1/5/10 both ways and their sum.
+Recall@1/5/10 both ways and their sum. The ranking itself is model-free, in
+`e2e_vlp.eval.retrieval` (`candidate_pairs`, `recall_from_candidates`).
 
 Note: the joint pass on cached visual tokens uses `E2EVLP._visual` / `_joint`, the same
 code as `E2EVLP.itm_score`, split where the backbone's output can be reused.
@@ -163,37 +164,7 @@ def retrieval_loss(outputs: dict[str, jax.Array], group: jax.Array,
   return total, metrics
 
 
-# ----------------------------------------------------------------------------- ranking
-
-
-def candidate_pairs(similarity: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Which pairs each direction re-ranks: bool [I, T] for image->text, for text->image.
-
-  top_k = 0 (or at least the gallery size) keeps every pair.
-  """
-  num_images, num_texts = similarity.shape
-  i2t = np.ones_like(similarity, bool)
-  t2i = np.ones_like(similarity, bool)
-  if top_k and top_k < num_texts:
-    i2t[:] = False
-    best = np.argsort(-similarity, axis=1, kind='stable')[:, :top_k]
-    np.put_along_axis(i2t, best, True, axis=1)
-  if top_k and top_k < num_images:
-    t2i[:] = False
-    best = np.argsort(-similarity, axis=0, kind='stable')[:top_k]
-    np.put_along_axis(t2i, best, True, axis=0)
-  return i2t, t2i
-
-
-def recall_from_candidates(scores: np.ndarray, i2t: np.ndarray, t2i: np.ndarray,
-                           text_to_image: np.ndarray) -> dict[str, float]:
-  """Recall@1/5/10 both ways ranking each query's candidates by `scores` [I, T]."""
-  out = {}
-  for name, keep in (('i2t', i2t), ('t2i', t2i)):
-    recall = retrieval_eval.retrieval_recall(np.where(keep, scores, -np.inf), text_to_image)
-    out.update({k: v for k, v in recall.items() if k.startswith(name)})
-  out['rsum'] = retrieval_eval.rsum(out)
-  return out
+# ------------------------------------------------------------------------ evaluation
 
 
 def _encode_gallery_batch(model: E2EVLP, variables, batch) -> dict[str, jax.Array]:
@@ -310,12 +281,14 @@ class Task:
     gallery = self.encode_gallery(variables, mesh=mesh, rules=rules,
                                   split=self.config.data.eval_split)
     similarity = gallery['image_emb'] @ gallery['text_emb'].T  # [I, T]
-    i2t, t2i = candidate_pairs(similarity, int(self.config.eval.retrieval_top_k))
+    i2t, t2i = retrieval_eval.candidate_pairs(similarity,
+                                              int(self.config.eval.retrieval_top_k))
     images, texts = np.nonzero(i2t | t2i)
     scores = np.full(similarity.shape, -np.inf)
     scores[images, texts] = self.score_pairs(variables, gallery, images, texts, mesh=mesh,
                                              rules=rules)
-    metrics = recall_from_candidates(scores, i2t, t2i, gallery['text_to_image'])
+    metrics = retrieval_eval.recall_from_candidates(scores, i2t, t2i,
+                                                    gallery['text_to_image'])
     metrics['retrieval_images'] = float(similarity.shape[0])
     metrics['retrieval_pairs_scored'] = float(len(images))
     return metrics

@@ -12,14 +12,14 @@ from typing import Any, Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from e2e_vlp.data import corpus, tokenizer
-from e2e_vlp.data.builders import (coco_captions, coco_instances, embedded, flickr30k, nlvr2,
-                                   visual_genome, vqa_v2)
+from e2e_vlp.data.builders import (coco_captions, coco_instances, coco_karpathy, embedded,
+                                   flickr30k, nlvr2, visual_genome, vqa_v2)
 from e2e_vlp.data.builders.common import (MAX_ATTRIBUTES, load_answer_vocab,
                                           load_attribute_names, load_class_names)
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     cls.name: cls for cls in (
-        coco_captions.CocoCaptions, coco_instances.CocoInstances,
+        coco_captions.CocoCaptions, coco_instances.CocoInstances, coco_karpathy.CocoKarpathy,
         visual_genome.VisualGenome, vqa_v2.VqaV2, nlvr2.Nlvr2, flickr30k.Flickr30k,
         embedded.Embedded, embedded.EmbeddedVqa, embedded.EmbeddedNlvr2,
         embedded.EmbeddedRetrieval)

@@ -1,8 +1,10 @@
 """Flickr30K retrieval with Karpathy's splits (`dataset_flickr30k.json`).
 
 Karpathy's JSON lists images with `filename`, `split` (train / restval / val / test;
-restval joins train, as is usual) and `sentences[].raw`; COCO-style files also have
-`filepath` (the image folder) and `cocoid`. Images sit under `flickr30k-images/`.
+restval joins train, as is usual) and `sentences[].raw` (the captions kept; `tokens` are
+his lower-cased tokenisation, which pycocoevalcap would redo anyway); COCO-style files also
+have `filepath` (the image folder) and `cocoid`. Images sit under `flickr30k-images/`.
+`Flickr30k` reads any file of this format: coco_karpathy and embedded_retrieval subclass it.
 """
 
 from typing import Iterator
@@ -55,9 +57,12 @@ class Flickr30k(common.ManualBuilder, skip_registration=True):
       if not captions:
         counter.count('no_captions')
         continue
-      folder = im.get('filepath', self.IMAGE_DIR)
-      loaded = records.load_rgb_jpeg(root / folder / filename, counter)
+      loaded = records.load_rgb_jpeg(self._image_path(root, im), counter)
       if loaded is None:
         continue
       yield image_id, common.image_text_example(
           image_id, filename, loaded[0], captions, common.objects([], [], []))
+
+  def _image_path(self, root: epath.Path, image: dict) -> epath.Path:
+    """Where the image of a Karpathy entry is (the path need not exist)."""
+    return root / image.get('filepath', self.IMAGE_DIR) / image['filename']
