@@ -56,15 +56,15 @@ def test_state_is_created_sharded_including_scalars():
 def test_round_trip_and_fallback_past_a_truncated_newest_step(tmp_path):
   _, _, _, _, abstract, shardings, state = _setup()
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=3)
-  ckpt.save(1, state, b'data-at-1', force=True)
+  ckpt.save(1, state, ckpt_lib.DataState(b'data-at-1'), force=True)
   later = state.replace(step=state.step + 1,
                         params=jax.tree.map(lambda p: p + 1.0, state.params))
-  ckpt.save(2, later, b'data-at-2', force=True)
+  ckpt.save(2, later, ckpt_lib.DataState(b'data-at-2', stream_start=1), force=True)
   ckpt.wait()
   target = ckpt_lib.abstract_with_shardings(abstract, shardings)
 
-  step, restored, blob = ckpt.restore_latest(target)
-  assert (step, blob) == (2, b'data-at-2')
+  step, restored, data = ckpt.restore_latest(target)
+  assert (step, data) == (2, ckpt_lib.DataState(b'data-at-2', stream_start=1))
   _assert_trees_equal(restored.params, later.params)
 
   # Truncate every array file of the newest step: restore must fall back to step 1.
@@ -78,8 +78,8 @@ def test_round_trip_and_fallback_past_a_truncated_newest_step(tmp_path):
           f.truncate(os.path.getsize(path) // 2)
         truncated += 1
   assert truncated
-  step, restored, blob = ckpt.restore_latest(target)
-  assert (step, blob) == (1, b'data-at-1')
+  step, restored, data = ckpt.restore_latest(target)
+  assert (step, data) == (1, ckpt_lib.DataState(b'data-at-1', stream_start=0))
   _assert_trees_equal(restored.params, state.params)
   ckpt.close()
 

@@ -2,13 +2,21 @@
 
 A step directory holds two items: `state` (the sharded TrainState, written by every host
 in parallel, asynchronously) and `data` (one opaque blob per process: the tf.data
-iterator, so a resumed run sees exactly the batches it would have seen). Orbax writes a
-step into a temporary directory and renames it when complete, so a step that exists is
-whole; a step that is present but unreadable (a truncated file, a deleted shard) is
-skipped on restore in favour of the previous one, and the reason is logged.
+iterator, so a resumed run sees exactly the batches it would have seen, plus the process
+count and the step its data stream started at). Orbax writes a step into a temporary
+directory and renames it when complete, so a step that exists is whole; a step that is
+present but unreadable (a truncated file, a deleted shard) is skipped on restore in favour
+of the previous one, and the reason is logged.
+
+The train state restores onto any mesh and process count (orbax re-shards it); a data
+position does not: each process reads its own share of the data, and the shares change
+with the process count. Such a step is restored without its data state (one warning), and
+the loop restarts the data stream with a seed folded from the step (`data_seed`), so the
+examples of the first steps are not replayed.
 """
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -18,26 +26,73 @@ from absl import logging
 from etils import epath
 
 
+@dataclasses.dataclass(frozen=True)
+class DataState:
+  """One process' data-iterator position and where its stream began.
+
+  blob: `DatasetIterator.get_state()`, meaningful only in a pipeline built with the same
+    seed for the same process share.
+  stream_start: the step the stream started at: 0, or the step a resume restarted it at
+    (the pipeline's seed is `data_seed(config.train.seed, stream_start)`).
+  """
+  blob: bytes
+  stream_start: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedDataState:
+  """What a checkpoint holds for this process: its DataState, None when there is none."""
+  state: DataState | None
+  process_count: int
+
+
+def data_seed(seed: int, stream_start: int) -> int:
+  """The data pipeline's seed for a stream started at step `stream_start`.
+
+  `seed` itself for a stream started at 0 (a run and its exact resumes); any other start
+  gives an unrelated seed, so a restarted stream shuffles afresh instead of replaying.
+  """
+  if stream_start == 0:
+    return seed
+  return int(np.random.SeedSequence([seed % 2**64, stream_start]).generate_state(1)[0])
+
+
 class DataStateHandler(ocp.CheckpointHandler):
-  """Saves one bytes blob per process as `process_<i>.bin`."""
+  """Per process: `process_<i>.bin` (the blob), `process_<i>.json` (count, stream start).
+
+  Directories written before the JSON files existed read as written by as many processes as
+  they hold blobs, with streams started at 0.
+  """
 
   def save(self, directory: epath.Path, args: 'DataStateSave'):
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f'process_{jax.process_index()}.bin').write_bytes(args.blob)
+    index = jax.process_index()
+    (directory / f'process_{index}.bin').write_bytes(args.state.blob)
+    (directory / f'process_{index}.json').write_text(json.dumps(
+        {'process_count': jax.process_count(), 'stream_start': args.state.stream_start}))
 
-  def restore(self, directory: epath.Path, args: 'DataStateRestore | None' = None) -> bytes:
-    path = directory / f'process_{jax.process_index()}.bin'
-    if not path.exists():
-      raise FileNotFoundError(
-          f'{path} is missing: this checkpoint was written by a run with fewer processes; '
-          'resume with the same number of processes or start the data afresh.')
-    return path.read_bytes()
+  def restore(self, directory: epath.Path, args: 'DataStateRestore | None' = None
+              ) -> SavedDataState:
+    index = jax.process_index()
+    blob_path = directory / f'process_{index}.bin'
+    metadata_paths = sorted(directory.glob('process_*.json'))
+    if not metadata_paths:
+      process_count = len(list(directory.glob('process_*.bin')))
+      own = {'stream_start': 0} if blob_path.exists() else None
+    else:
+      own_path = directory / f'process_{index}.json'
+      own = json.loads(own_path.read_text()) if own_path.exists() else None
+      process_count = (own or json.loads(metadata_paths[0].read_text()))['process_count']
+    if own is None or not blob_path.exists() or process_count != jax.process_count():
+      return SavedDataState(None, process_count)
+    return SavedDataState(DataState(blob_path.read_bytes(), own['stream_start']),
+                          process_count)
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
 @dataclasses.dataclass
 class DataStateSave(ocp.args.CheckpointArgs):
-  blob: bytes
+  state: DataState
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
@@ -99,7 +154,7 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: bytes | None = None, *,
+  def save(self, step: int, state: Any, data_state: DataState | None = None, *,
            force: bool = False) -> bool:
     items = {'state': ocp.args.StandardSave(state)}
     if data_state is not None:
@@ -109,10 +164,12 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore_latest(self, abstract_state: Any, *, with_data: bool = True
-                     ) -> tuple[int, Any, bytes | None] | None:
-    """The newest readable step as (step, state, data blob); None when there is none.
+                     ) -> tuple[int, Any, DataState | None] | None:
+    """The newest readable step as (step, state, data state); None when there is none.
 
-    Raises CheckpointMismatchError when the newest readable step holds a different model.
+    The data state is None when the step has none this run can use (see `restore`); that
+    is no reason to fall back to an older step. Raises CheckpointMismatchError when the
+    newest readable step holds a different model.
     """
     for step in reversed(self.all_steps()):
       try:
@@ -132,13 +189,30 @@ class Checkpointer:
     return None
 
   def restore(self, step: int, abstract_state: Any, *, with_data: bool = True
-              ) -> tuple[Any, bytes | None]:
+              ) -> tuple[Any, DataState | None]:
+    """(state, this process' data state) of `step`, the state laid out as `abstract_state`.
+
+    The data state is None when the step has none, or when it was written by another
+    number of processes (logged as a warning): the caller restarts the data stream.
+    """
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     has_data = with_data and (self.directory / str(step) / 'data').exists()
     if has_data:
       items['data'] = DataStateRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored['state'], (restored['data'] if has_data else None)
+    if not has_data:
+      return restored['state'], None
+    saved = restored['data']
+    if saved.state is None:
+      reason = (f'was written by {saved.process_count} processes and this run has '
+                f'{jax.process_count()}' if saved.process_count != jax.process_count() else
+                f'has no data state for process {jax.process_index()}')
+      logging.warning(
+          'Checkpoint at step %d in %s %s: the model and optimizer state are restored '
+          '(re-sharded onto this run\'s devices), but the data-iterator positions cannot be '
+          'mapped, so the data stream restarts with a fresh shuffle (seeded from step %d) '
+          'instead of continuing where it stopped.', step, self.directory, reason, step)
+    return restored['state'], saved.state
 
   def wait(self):
     self._manager.wait_until_finished()

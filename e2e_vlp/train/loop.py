@@ -109,21 +109,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
 
   # ------------------------------------------------------------- resume or initialise
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  data_iter = task.train_iterator(seed=config.train.seed)
   restored = checkpointer.restore_latest(
       ckpt_lib.abstract_with_shardings(abstract_state, shardings))
   if restored is not None:
-    start_step, state, data_blob = restored
-    if data_blob is not None:
-      data_iter.set_state(data_blob)
+    start_step, state, data_state = restored
     logging.info('Resumed from step %d in %s.', start_step, checkpointer.directory)
   else:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = state_lib.create_train_state(task.init_variables, tx,
                                            jax.random.key(config.train.seed), shardings)
-    start_step = 0
+    start_step, data_state = 0, None
     if config.init_from:
       state = _init_from(config.init_from, state, shardings)
+  # A saved position continues its stream; without one (another process count) the stream
+  # restarts here, under a seed of its own so that it does not replay the first batches.
+  stream_start = data_state.stream_start if data_state is not None else start_step
+  data_iter = task.train_iterator(seed=ckpt_lib.data_seed(config.train.seed, stream_start))
+  if data_state is not None:
+    data_iter.set_state(data_state.blob)
 
   # ------------------------------------------------------------------ compiled step
   batch_spec = task.batch_spec(config.train.batch_size)
@@ -196,11 +199,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
             interval_start, interval_step = time.time(), step
 
           if save_now:
-            _save(checkpointer, step, state, data_iter)
+            _save(checkpointer, step, state, data_iter, stream_start)
 
         if watcher.should_stop():
           if not save_now:
-            _save(checkpointer, step, state, data_iter)
+            _save(checkpointer, step, state, data_iter, stream_start)
           checkpointer.wait()
           logging.warning('Stopped at step %d on a preemption signal; checkpoint saved in %s.',
                           step, checkpointer.directory)
@@ -227,13 +230,14 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _save(checkpointer: ckpt_lib.Checkpointer, step: int, state: state_lib.TrainState,
-          data_iter) -> None:
+          data_iter, stream_start: int) -> None:
   """Saves, unless the parameters hold a non-finite value (never checkpoint those)."""
   if not bool(_all_finite(state.params)):
     raise NonFiniteLossError(
         f'Step {step}: the parameters hold non-finite values; not saving them. The last '
         f'good checkpoint is step {max(checkpointer.all_steps(), default=None)}.')
-  checkpointer.save(step, state, data_iter.get_state(), force=True)
+  checkpointer.save(step, state, ckpt_lib.DataState(data_iter.get_state(), stream_start),
+                    force=True)
 
 
 def _flops(compiled) -> float:
