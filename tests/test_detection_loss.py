@@ -209,6 +209,10 @@ def test_cell_class_loss_matches_numpy():
                       [[0.5, 0.5], [0.1, 0.1], [0.2, 0.2], [0.3, 0.3]]], np.float32)
   # Image 0: small box, big box, outside both, the small box's corner (edges count).
   want_target = np.array([[2, 1, CLASSES, 2], [CLASSES] * 4])
+  # Image 1 gains a box (label 4) narrower than the cell spacing, holding no cell centre:
+  # the real cell nearest to its centre (0.14, 0.12) is cell 1 at (0.1, 0.1).
+  boxes[1, 1], labels[1, 1], box_mask[1, 1] = [0.14, 0.12, 0.02, 0.02], 4, True
+  want_target[1, 1] = 4
   visual_mask = np.array([[True, True, True, True], [True, True, False, False]])
   logits = np.random.default_rng(5).normal(size=(2, 4, CLASSES + 1)).astype(np.float32)
   logits[0, 0, 2] = 10.0  # two cells right, the rest by chance

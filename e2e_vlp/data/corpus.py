@@ -242,6 +242,11 @@ def _style(text: str, rng: np.random.Generator) -> str:
   return text
 
 
+def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
+  """One draw from the caption distribution of `scene` (what `captions_for` draws from)."""
+  return _style(_caption(scene, _clear_pairs(scene.objects), rng), rng)
+
+
 def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
   """Up to five distinct captions (duplicates only when the scene allows no more)."""
   out: list[str] = []

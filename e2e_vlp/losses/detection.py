@@ -155,7 +155,9 @@ def cell_class_loss(cell_logits: jax.Array, cell_centers: jax.Array, visual_mask
   """Per-grid-cell classification: a dense signal that speeds up early detection training.
 
   A cell's target is the label of the smallest-area real box that contains its centre
-  (edges included), else no-object (the last class).
+  (edges included) or whose centre is nearest to it, else no-object (the last class).
+  The second rule gives every object a positive cell: a box narrower than a cell often
+  contains no cell centre, and without it would only teach "background" there.
 
   Args:
     cell_logits: `[B, N, C+1]`.
@@ -178,6 +180,11 @@ def cell_class_loss(cell_logits: jax.Array, cell_centers: jax.Array, visual_mask
   corners = box_ops.cxcywh_to_xyxy(boxes.astype(jnp.float32))[:, None, :, :]  # [B, 1, M, 4]
   centers = cell_centers.astype(jnp.float32)[:, :, None, :]  # [B, N, 1, 2]
   inside = ((centers >= corners[..., :2]) & (centers <= corners[..., 2:])).all(-1)
+  box_centers = boxes.astype(jnp.float32)[:, None, :, :2]  # [B, 1, M, 2]
+  distance = jnp.sum((centers - box_centers) ** 2, axis=-1)  # [B, N, M]
+  distance = jnp.where(visual_mask.astype(bool)[:, :, None], distance, jnp.inf)
+  nearest = jnp.argmin(distance, axis=1)  # [B, M]: the cell nearest to each box centre
+  inside |= jnp.arange(num_cells)[None, :, None] == nearest[:, None, :]
   inside &= box_mask.astype(bool)[:, None, :]  # [B, N, M]
   areas = jnp.where(inside, box_ops.area(corners), jnp.inf)
   smallest = jnp.argmin(areas, axis=-1)  # [B, N]
