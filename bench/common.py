@@ -89,8 +89,12 @@ Thunk = Callable[[], Any]
 
 
 def time_interleaved(fns: Mapping[str, Thunk], *, warmup: int, repeats: int,
-                     sync: Callable[[Any], Any] = jax.block_until_ready) -> dict[str, float]:
-  """name -> median milliseconds of `fn()` (synced) over `repeats` rounds.
+                     sync: Callable[[Any], Any] = jax.block_until_ready,
+                     statistic: Callable[[list[float]], float] | Mapping[
+                         str, Callable[[list[float]], float]] = statistics.median
+                     ) -> dict[str, float]:
+  """name -> `statistic` (default: the median) of the milliseconds of `fn()` (synced) over
+  `repeats` rounds; `statistic` may also map each name to its own, e.g. `min` for a peak.
 
   Each round runs every function once in turn, so a load spike on a shared host slows all
   peers alike instead of one of them. `warmup` untimed rounds come first (compilation,
@@ -107,7 +111,8 @@ def time_interleaved(fns: Mapping[str, Thunk], *, warmup: int, repeats: int,
       start = time.perf_counter()
       sync(fn())
       times[name].append((time.perf_counter() - start) * 1e3)
-  return {name: statistics.median(values) for name, values in times.items()}
+  pick = statistic if isinstance(statistic, Mapping) else {name: statistic for name in fns}
+  return {name: pick.get(name, statistics.median)(values) for name, values in times.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +124,15 @@ class Compiled:
   flops: float  # XLA cost analysis; while-loop bodies count once
 
 
-def compile_with_stats(jitted: Any, *args: Any) -> Compiled:
-  """`jitted.lower(*args).compile()`, timed, with XLA's flop count."""
+def compile_with_stats(jitted: Any, *args: Any,
+                       compiler_options: Mapping[str, Any] | None = None) -> Compiled:
+  """`jitted.lower(*args).compile(compiler_options)`, timed, with XLA's flop count.
+
+  `compiler_options`: XLA debug options for this compilation only, e.g.
+  `{'xla_backend_optimization_level': 1}` (the same as that XLA_FLAGS entry).
+  """
   start, start_cpu = time.perf_counter(), time.process_time()
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args).compile(dict(compiler_options) if compiler_options else None)
   return Compiled(compiled, time.perf_counter() - start, time.process_time() - start_cpu,
                   cost_flops(compiled))
 
@@ -200,32 +210,19 @@ class StepRunner:
     return metrics
 
 
-def stop_frozen_gradients(loss_fn: Callable[..., Any], optim: Any, params: Any
-                          ) -> Callable[..., Any]:
-  """`loss_fn` with `lax.stop_gradient` on the parameters `optim.frozen` freezes.
-
-  The optimizer already zeroes their updates; this also skips computing their gradients
-  (PyTorch's requires_grad=False), e.g. the backward pass through a frozen stem.
-  """
-  trainable = jax.tree.map(lambda m: m != 0.0,
-                           optimizer_lib.parameter_groups(optim, params)['lr_mult'])
-
-  def wrapped(params, *args):
-    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-    return loss_fn(params, *args)
-
-  return wrapped
-
-
 def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
                      loss_fn: Callable[..., Any], batch: Mapping[str, np.ndarray], *,
-                     stop_frozen: bool = False) -> StepRunner:
+                     frozen_grads: bool = False,
+                     compiler_options: Mapping[str, Any] | None = None) -> StepRunner:
   """The training step exactly as e2e_vlp/train/loop.py builds it, compiled on `batch`.
 
   Mesh from `config.mesh`, rules from `config.sharding`, `make_optimizer(config.optim)`,
-  `state_shardings`, `create_train_state`, `make_train_step` (grad accumulation, seed) and
-  `jit_train_step` (state donated). `loss_fn(params, constants, batch, rng) -> (loss,
-  metrics)`; `stop_frozen` wraps it with `stop_frozen_gradients`.
+  `state_shardings`, `create_train_state`, `make_train_step` (grad accumulation, seed,
+  `frozen=frozen_mask(config.optim)`) and `jit_train_step` (state donated).
+  `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. `frozen_grads=True` passes
+  no frozen mask: the step then computes the frozen parameters' gradients too (for the
+  optimizer to discard), as the project's step did before the mask, to show its cost.
+  `compiler_options` go to `compile_with_stats`.
   """
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.sharding)
@@ -234,15 +231,16 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
     abstract = state_lib.strip_boxes(jax.eval_shape(init_variables, jax.random.key(0)))
     tx, schedule = optimizer_lib.make_optimizer(config.optim, abstract['params'],
                                                 config.train.total_steps)
-    if stop_frozen:
-      loss_fn = stop_frozen_gradients(loss_fn, config.optim, abstract['params'])
+    frozen = (None if frozen_grads
+              else optimizer_lib.frozen_mask(config.optim, abstract['params']))
     _, shardings = state_lib.state_shardings(init_variables, tx, mesh, rules)
     state = state_lib.create_train_state(init_variables, tx, jax.random.key(config.train.seed),
                                          shardings)
     step = state_lib.make_train_step(loss_fn, tx, schedule,
                                      grad_accum_steps=config.optim.grad_accum_steps,
-                                     seed=config.train.seed)
+                                     seed=config.train.seed, frozen=frozen)
     jitted = state_lib.jit_train_step(step, shardings, mesh, spec)
     device_batch = mesh_lib.global_batch(batch, mesh)
-    compiled = compile_with_stats(jitted, state, device_batch)
+    compiled = compile_with_stats(jitted, state, device_batch,
+                                  compiler_options=compiler_options)
   return StepRunner(compiled, state, device_batch)

@@ -54,7 +54,7 @@ FULL = Plan(
     # The in-graph matcher only: a host callback stalls the GPU (the scipy rows on CPU
     # show its cost without the stall). Two compiles per shape keep the run in minutes.
     detr_variants=[detr_step.Variant(dtype=BF16),
-                   detr_step.Variant(dtype=BF16, stop_frozen=True)],
+                   detr_step.Variant(dtype=BF16, frozen_grads=True)],
     # base at DETR's 800 canvas, 8 images per GPU (DETR: 4 per V100).
     pretrain_settings=[pretrain_step.Setting('tiny', 96, 32, dtype=BF16),
                        pretrain_step.Setting('base', 800, 8, dtype=BF16)],

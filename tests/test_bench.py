@@ -39,6 +39,10 @@ def test_time_interleaved_takes_medians_of_interleaved_rounds(monkeypatch):
   ms = common.time_interleaved({'a': make('a'), 'b': make('b')}, warmup=1, repeats=3)
   assert ms == pytest.approx({'a': 3.0, 'b': 20.0})  # the warm-up's 9 s is not counted
   assert calls == ['a', 'b'] * 4
+  durations.update(a=iter([9.0, 0.001, 0.005, 0.003]), b=iter([9.0, 0.010, 0.030, 0.020]))
+  ms = common.time_interleaved({'a': make('a'), 'b': make('b')}, warmup=1, repeats=3,
+                               statistic={'b': min})
+  assert ms == pytest.approx({'a': 3.0, 'b': 10.0})  # b's fastest run, a's median
 
 
 def test_compile_with_stats_counts_matmul_flops():

@@ -72,12 +72,39 @@ def test_hungarian_is_optimal(seed):
   _check_optimal(cost, valid, 'hungarian')
 
 
-def test_scipy_method_is_optimal():
+@pytest.mark.parametrize('padding', ['scattered', 'trailing'])
+@pytest.mark.parametrize('backend', ['cpu', 'accelerator'])
+def test_scipy_method_is_optimal(padding, backend, monkeypatch):
+  """Both host paths: buffer_callback (CPU backend) and pure_callback (any other)."""
+  if backend == 'accelerator':
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   rng = np.random.default_rng(1)
   cost = _costs('integer', rng, (50, 9, 5)).astype(np.float32)
-  valid = rng.random((50, 5)) < 0.6
-  valid[0] = False
+  if padding == 'trailing':  # the data pipeline's layout: a view per example on the host
+    valid = np.arange(5) < rng.integers(0, 6, (50, 1))
+  else:
+    valid = rng.random((50, 5)) < 0.6
+  valid[0], valid[1] = False, True
   _check_optimal(cost, valid, 'scipy')
+
+
+def test_scipy_method_calls_the_host_once_per_batch_also_under_vmap(monkeypatch):
+  calls = []
+  solve = matching._solve_on_host
+  def counting(cost, *args):
+    calls.append(cost.shape)
+    solve(cost, *args)
+  monkeypatch.setattr(matching, '_solve_on_host', counting)
+  rng = np.random.default_rng(6)
+  cost = rng.random((3, 4, 6, 4)).astype(np.float32)  # [V, B, Q, M]
+  valid = rng.random((3, 4, 4)) < 0.7
+  got = jax.jit(jax.vmap(functools.partial(matching.match, method='scipy')))(cost, valid)
+  assert calls == [(3, 4, 6, 4)]
+  for v in range(3):
+    want = _jit_match(jnp.asarray(cost[v]), jnp.asarray(valid[v]), 'hungarian')
+    np.testing.assert_allclose(matching.total_cost(cost[v], got[1][v]),
+                               matching.total_cost(cost[v], want[1]), rtol=1e-6)
+    assert (got[1][v] >= 0).sum() == valid[v].sum()
 
 
 def test_padding_columns_do_not_change_the_optimum():
@@ -108,9 +135,10 @@ def test_no_gradient_flows_through_the_matcher(method):
   np.testing.assert_array_equal(grad, np.zeros_like(cost))
 
 
-def test_non_finite_costs_still_give_an_assignment():
+@pytest.mark.parametrize('method', matching.METHODS)
+def test_non_finite_costs_still_give_an_assignment(method):
   cost = jnp.asarray([[[np.nan, 1.0], [np.inf, 2.0], [0.5, -np.inf]]], jnp.float32)
-  _, query_for_target = matching.match(cost, jnp.ones((1, 2), bool))
+  _, query_for_target = matching.match(cost, jnp.ones((1, 2), bool), method=method)
   assert sorted(np.asarray(query_for_target)[0].tolist()) in ([0, 2], [1, 2], [0, 1])
 
 

@@ -132,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   batch_spec = task.batch_spec(config.train.batch_size)
   train_step = state_lib.make_train_step(
       task.loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
-      seed=config.train.seed)
+      seed=config.train.seed, frozen=optimizer_lib.frozen_mask(config.optim, abstract_params))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = state_lib.jit_train_step(train_step, shardings, mesh, batch_spec)
     t0 = time.time()

@@ -62,6 +62,13 @@ def parameter_groups(optim: ml_collections.ConfigDict, params: Any) -> dict[str,
   return {'lr_mult': mults, 'decay': decay}
 
 
+def frozen_mask(optim: ml_collections.ConfigDict, params: Any) -> Any:
+  """Tree of bools shaped like `params`: True where the lr multiplier is 0 (`optim.frozen`
+  or a 0 in `optim.lr_mults`). Pass it to `state.make_train_step(frozen=...)` so that
+  their gradients are never computed."""
+  return jax.tree.map(lambda m: m == 0.0, parameter_groups(optim, params)['lr_mult'])
+
+
 def describe_groups(optim: ml_collections.ConfigDict, params: Any) -> str:
   """A human-readable summary of which parameters get which multiplier."""
   groups = parameter_groups(optim, params)
@@ -88,11 +95,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Any,
   the global norm.
   """
   groups = parameter_groups(optim, params)
-  trainable = jax.tree.map(lambda m: m != 0.0, groups['lr_mult'])
-  frozen = jax.tree.map(lambda t: not t, trainable)
   schedule = learning_rate_schedule(optim, total_steps)
   tx = optax.chain(
-      optax.masked(optax.set_to_zero(), frozen),
+      optax.masked(optax.set_to_zero(), frozen_mask(optim, params)),
       optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
       optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
       optax.add_decayed_weights(optim.weight_decay, mask=groups['decay']),

@@ -86,18 +86,35 @@ def _microbatches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array
   return {key: split(value) for key, value in batch.items()}
 
 
+def _stop_frozen_gradients(loss_fn: LossFn, frozen: Any) -> LossFn:
+  """`loss_fn` seeing the `frozen` (True) parameters as constants of autodiff."""
+  def wrapped(params, *args):
+    params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    return loss_fn(params, *args)
+  return wrapped
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum_steps: int = 1,
-                    seed: int = 0) -> Callable[[TrainState, dict[str, jax.Array]],
-                                               tuple[TrainState, dict[str, jax.Array]]]:
+                    seed: int = 0, frozen: Any = None
+                    ) -> Callable[[TrainState, dict[str, jax.Array]],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
   """`step(state, batch) -> (state, metrics)`; jit it with the state's shardings.
 
   `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. The dropout key is derived
   from the seed and the step, so a resumed run draws exactly the same randomness. A step
   whose loss or gradients are not finite leaves parameters and optimizer state unchanged
   and increments `state.skipped`.
+
+  `frozen` (`optimizer.frozen_mask`: bools shaped like the params, or None) marks
+  parameters the optimizer never moves. They enter the loss through `lax.stop_gradient`,
+  so XLA drops their backward pass (PyTorch's requires_grad=False), e.g. through DETR's
+  frozen ResNet stem and stage 1. Their gradients are exact zeros, so they no longer count
+  in the `grad_norm` metric or its finiteness check (the optimizer ignored them already).
   """
   base_key = jax.random.key(seed)
+  if frozen is not None:
+    loss_fn = _stop_frozen_gradients(loss_fn, frozen)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def compute_grads(params, constants, batch, rng):
