@@ -16,7 +16,6 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.dtype = 'float32'  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
   m.remat = False  # rematerialize each transformer layer in the backward pass
-  m.scan_layers = False  # nn.scan over identical layers (faster compile for deep stacks)
 
   b = m.backbone = ml_collections.ConfigDict()
   # 'frozen_bn' (DETR: pretrained BatchNorm statistics and affine frozen) or 'group_norm'

@@ -493,8 +493,3 @@ def test_remat_model_traces_forward_and_backward(batch, variables):
   grads = jax.eval_shape(jax.grad(loss), abstract['params'], abstract.get('batch_stats', {}))
   assert jax.tree.map(lambda x: x.shape, grads) == jax.tree.map(lambda x: x.shape,
                                                                 abstract['params'])
-
-
-def test_scan_layers_is_refused(batch):
-  with pytest.raises(NotImplementedError, match='scan_layers'):
-    abstract_variables(E2EVLP(tiny(scan_layers=True)), batch, train=False)

@@ -96,10 +96,6 @@ class E2EVLP(nn.Module):
 
   def setup(self):
     c = self.config
-    if c.scan_layers:
-      raise NotImplementedError(
-          'config.model.scan_layers=True is not implemented; set it to False '
-          '(config.model.remat=True saves activation memory instead).')
     dtype = self.dtype
     b = c.backbone
     self.backbone = ResNet(block=b.block, stage_sizes=tuple(b.stage_sizes), width=b.width,
