@@ -1,5 +1,8 @@
-"""A pre-training config small enough for end-to-end tests on 2 CPU cores."""
+"""Shared test pieces: a pre-training config small enough for end-to-end tests on 2 CPU
+cores, and a toy model for checkpoint tests."""
 
+import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 from configs import pretrain
@@ -31,3 +34,15 @@ def micro_config(cache_dir: str, **overrides) -> ml_collections.ConfigDict:
       node = node[name]
     node[leaf] = value
   return config
+
+
+class ToyModel(nn.Module):
+  """x [B, F] -> (x @ kernel) * scale, kernel [F, 16] a logically partitioned parameter,
+  scale a constant 2 in 'batch_stats': the smallest model with both collections."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('embed', 'mlp')), (x.shape[-1], 16))
+    scale = self.variable('batch_stats', 'scale', lambda: jnp.full((16,), 2.0))
+    return (x @ kernel) * scale.value

@@ -13,21 +13,13 @@ from e2e_vlp.train import mesh as mesh_lib
 from e2e_vlp.train import optimizer
 from e2e_vlp.train import sharding
 from e2e_vlp.train import state as state_lib
-
-
-class _Toy(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ('embed', 'mlp')), (x.shape[-1], 16))
-    scale = self.variable('batch_stats', 'scale', lambda: jnp.full((16,), 2.0))
-    return (x @ kernel) * scale.value
+from micro import ToyModel
 
 
 def _setup(mesh_config=None):
   mesh = mesh_lib.make_mesh(mesh_config or {'data': -1, 'fsdp': 1, 'model': 1})
   rules = sharding.logical_axis_rules('fsdp')
-  model = _Toy()
+  model = ToyModel()
   init = lambda rng: model.init(rng, jnp.zeros((1, 8)))
   optim = pretrain.get_config('tiny').optim
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,19 +20,10 @@ from etils import epath
 
 from e2e_vlp.train import checkpoint as ckpt_lib
 from e2e_vlp.train import loop
-from micro import micro_config
+from micro import ToyModel, micro_config
 
 SEED = 0
 WARNING = 'the data stream restarts with a fresh shuffle'
-
-
-class _Toy(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ('embed', 'mlp')), (x.shape[-1], 16))
-    scale = self.variable('batch_stats', 'scale', lambda: jnp.full((16,), 2.0))
-    return (x @ kernel) * scale.value
 
 
 def _toy_loss(kernel: np.ndarray, x: np.ndarray) -> float:
@@ -66,7 +56,7 @@ class _ToyTask:
   """What loop.run needs from a task; records the seed of every data stream it builds."""
 
   def __init__(self):
-    self.model = _Toy()
+    self.model = ToyModel()
     self.seeds: list[int] = []
 
   def init_variables(self, rng):
