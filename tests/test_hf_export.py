@@ -197,12 +197,15 @@ def test_all_heads_shared_decoder_batch_norm_bottleneck_and_round_trip(tmp_path)
                            'backbone.norm': 'batch_norm',
                            'backbone.dilation': True, 'backbone.width': 4,
                            'reference_points': False, 'share_decoder': True,
-                           'cell_class_head': False, 'num_answers': 3})
+                           'share_encoder': True, 'joint_visual': 'grid',
+                           'cell_class_head': False,
+                           'num_answers': 3})
   variables = _random_variables(convert.abstract_variables(config.model), seed=2)
   out = tmp_path / 'hf_heads'
   out.mkdir()
   components = convert.write_hf_folder(variables, config.model, str(out), None)
-  assert {'vqa_head', 'nlvr2_head'} <= set(components) and 'caption_decoder' not in components
+  assert {'vqa_head', 'nlvr2_head'} <= set(components)
+  assert not {'caption_decoder', 'image_encoder'} & set(components)
   model = _load_hf(str(out))
 
   batch = _batch(1, config.model.vocab_size)

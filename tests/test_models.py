@@ -169,6 +169,39 @@ def test_text_does_not_reach_the_decoders(forward, variables, batch, outputs):
   assert not np.allclose(got['itm_logits'], outputs['itm_logits'], atol=1e-4)
 
 
+def _shifted(variables, module: str):
+  """`variables` with every parameter of the top-level `module` moved by 0.1."""
+  params = dict(variables['params'])
+  params[module] = jax.tree.map(lambda x: x + 0.1, params[module])
+  return {**variables, 'params': params}
+
+
+@pytest.mark.parametrize('joint_visual', ['grid', 'image_encoder'])
+def test_separate_image_encoder(batch, joint_visual):
+  """The image encoder feeds the decoders, and the joint pass only with 'image_encoder';
+  the joint encoder never reaches the decoders."""
+  model = E2EVLP(tiny(share_encoder=False, joint_visual=joint_visual))
+  forward = jax.jit(lambda v, b: model.apply(v, b, train=False))
+  variables = fill(abstract_variables(model, batch, train=False))
+  outputs = forward(variables, batch)
+  joint_keys = ('mlm_logits', 'itm_logits')
+  got = forward(_shifted(variables, 'image_encoder'), batch)
+  assert not np.allclose(got['det_boxes'], outputs['det_boxes'], atol=1e-4)
+  assert not np.allclose(got['caption_logits'], outputs['caption_logits'], atol=1e-4)
+  if joint_visual == 'grid':
+    assert_same(outputs, got, joint_keys)
+  else:
+    assert not np.allclose(got['mlm_logits'], outputs['mlm_logits'], atol=1e-4)
+  got = forward(_shifted(variables, 'encoder'), batch)
+  assert_same(outputs, got, DECODER_KEYS)
+  assert not np.allclose(got['mlm_logits'], outputs['mlm_logits'], atol=1e-4)
+
+
+def test_shared_encoder_has_no_image_encoder(batch):
+  abstract = abstract_variables(E2EVLP(tiny(share_encoder=True)), batch, train=False)
+  assert 'image_encoder' not in abstract['params'] and 'encoder' in abstract['params']
+
+
 def test_caption_is_causal(forward, variables, batch, outputs):
   t = 3
   changed = dict(batch, caption_in=batch['caption_in'].at[:, t].set(
@@ -284,6 +317,8 @@ def test_parameter_counts(variant, base_abstract):
   bert_layer = 4 * (d * d + d) + 2 * (d * f) + f + d + 4 * d
   assert _count(params['encoder']['layer_0']) == bert_layer
   assert _count(params['encoder']) == config.encoder_layers * bert_layer
+  if not config.share_encoder:
+    assert _count(params['image_encoder']) == config.encoder_layers * bert_layer
   # DETR layer: two attentions, the FFN, three LayerNorms; plus the final LayerNorm.
   detr_layer = 8 * (d * d + d) + 2 * (d * f) + f + d + 6 * d
   assert _count(params['decoder']) == config.decoder_layers * detr_layer + 2 * d
@@ -347,8 +382,9 @@ def test_every_parameter_has_logical_names(batch):
 def test_finetune_heads_create_only_what_they_use(batch):
   model = E2EVLP(tiny(num_answers=10))
   vqa = abstract_variables(model, batch, train=False, method=E2EVLP.vqa_logits)
+  # tiny's joint pass reads the image encoder (joint_visual='image_encoder').
   assert set(vqa['params']) == {'backbone', 'embeddings', 'visual_embeddings', 'encoder',
-                                'pooler', 'vqa_head'}
+                                'image_encoder', 'pooler', 'vqa_head'}
   assert jax.eval_shape(functools.partial(model.apply, method=E2EVLP.vqa_logits), vqa,
                         batch).shape == (B, 10)
   pair = dict(text_ids=batch['text_ids'], text_mask=batch['text_mask'],

@@ -12,8 +12,8 @@ import dataclasses
 from transformers import PretrainedConfig
 
 # Modules of the pre-training network, in the order they are built.
-PRETRAIN_COMPONENTS = ('backbone', 'embeddings', 'visual_embeddings', 'encoder', 'pooler',
-                       'mlm_head', 'itm_head', 'queries', 'decoder', 'det_head',
+PRETRAIN_COMPONENTS = ('backbone', 'embeddings', 'visual_embeddings', 'encoder',
+                       'image_encoder', 'pooler', 'mlm_head', 'itm_head', 'queries', 'decoder', 'det_head',
                        'caption_embeddings', 'caption_decoder', 'caption_head',
                        'cell_class_head')
 ALL_COMPONENTS = PRETRAIN_COMPONENTS + ('vqa_head', 'nlvr2_head')
@@ -41,6 +41,8 @@ class E2EVLPConfig(PretrainedConfig):
   decoder_layers: int = 6
   caption_decoder_layers: int = 6
   share_decoder: bool = True
+  share_encoder: bool = True  # False: `image_encoder` feeds the decoders
+  joint_visual: str = 'grid'  # or 'image_encoder': the joint pass reads the image encoding
   dropout: float = 0.1
   attention_dropout: float = 0.1
   num_queries: int = 100
@@ -72,6 +74,8 @@ class E2EVLPConfig(PretrainedConfig):
     skip = set()
     if self.share_decoder:
       skip.add('caption_decoder')
+    if self.share_encoder:
+      skip.add('image_encoder')
     if not self.cell_class_head:
       skip.add('cell_class_head')
     return tuple(c for c in PRETRAIN_COMPONENTS if c not in skip)

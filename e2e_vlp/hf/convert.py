@@ -304,9 +304,9 @@ def token_ids(vocab: list[str], tokens: Mapping[str, str]) -> dict[str, int]:
 
 
 _MODEL_FIELDS = ('vocab_size', 'd_model', 'num_heads', 'mlp_dim', 'encoder_layers',
-                 'decoder_layers', 'caption_decoder_layers', 'share_decoder', 'dropout',
-                 'attention_dropout', 'num_queries', 'max_text_len', 'max_caption_len',
-                 'type_vocab_size', 'layer_norm_eps', 'decoder_layer_norm_eps', 'num_classes',
+                 'decoder_layers', 'caption_decoder_layers', 'share_decoder', 'share_encoder',
+                 'joint_visual', 'dropout', 'attention_dropout', 'num_queries', 'max_text_len',
+                 'max_caption_len', 'type_vocab_size', 'layer_norm_eps', 'decoder_layer_norm_eps', 'num_classes',
                  'num_attributes', 'box_head_layers', 'reference_points', 'cell_class_head',
                  'num_answers')
 _BACKBONE_FIELDS = ('block', 'stage_sizes', 'width', 'stem', 'dilation', 'norm')
@@ -335,6 +335,9 @@ def hf_config_kwargs(model_config: ml_collections.ConfigDict, components: list[s
   kwargs['num_answers'] = m.get('num_answers', 0)
   if m.get('decoder_layer_norm_eps') is None:  # configs from before the decoder eps
     kwargs['decoder_layer_norm_eps'] = m.layer_norm_eps
+  for field, paper_value in (('share_encoder', True), ('joint_visual', 'grid')):
+    if m.get(field) is None:  # configs from before the field
+      kwargs[field] = paper_value
   kwargs.update({f'backbone_{k}': b[k] for k in _BACKBONE_FIELDS})
   kwargs['backbone_stage_sizes'] = [int(n) for n in b.stage_sizes]
   kwargs.update(components=list(components), pad_token_id=ids.get('pad_token_id', 0),

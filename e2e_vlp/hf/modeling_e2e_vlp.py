@@ -612,6 +612,7 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
         'embeddings': lambda: TextEmbeddings(c),
         'visual_embeddings': lambda: VisualEmbeddings(c, channels, self._stride),
         'encoder': lambda: Encoder(c),
+        'image_encoder': lambda: Encoder(c),
         'pooler': lambda: Pooler(c.d_model),
         'mlm_head': lambda: TiedLMHead(c, transform=True),
         'itm_head': lambda: nn.Linear(c.d_model, 2),
@@ -659,11 +660,16 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
     features = self.backbone(image.permute(0, 3, 1, 2))
     return self.visual_embeddings(features, image_mask)
 
+  def _image_encoder(self) -> nn.Module:
+    name = 'encoder' if self.config.share_encoder else 'image_encoder'
+    self._need(name)
+    return getattr(self, name)
+
   def encode_image(self, image: torch.Tensor, image_mask: torch.Tensor):
     """Image-only encoder pass -> memory [B, N, D], memory_mask [B, N], memory_pos [B, N, D]."""
-    self._need('encoder')
+    encoder = self._image_encoder()
     tokens, mask, pos, _ = self.visual(image, image_mask)
-    return self.encoder(tokens, mask), mask, pos
+    return encoder(tokens, mask), mask, pos
 
   def _check_tokens(self, ids: torch.Tensor, mask: torch.Tensor | None, limit: int, name: str):
     if ids.ndim != 2 or ids.is_floating_point():
@@ -673,8 +679,15 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
     if ids.shape[1] > limit:
       raise ValueError(f'{name} has {ids.shape[1]} tokens; the position table holds {limit}.')
 
+  def joint_visual_tokens(self, image: torch.Tensor, image_mask: torch.Tensor):
+    """The joint pass's image side -> tokens [B, N, D], mask [B, N] (`joint_visual`)."""
+    tokens, mask, _, _ = self.visual(image, image_mask)
+    if self.config.joint_visual == 'grid':
+      return tokens, mask
+    return self._image_encoder()(tokens, mask), mask
+
   def joint(self, text_ids, text_mask, tokens, visual_mask) -> torch.Tensor:
-    """[CLS] text [SEP] ++ visual tokens -> encoder -> [B, L + N, D]."""
+    """[CLS] text [SEP] ++ `joint_visual_tokens` -> encoder -> [B, L + N, D]."""
     self._need('embeddings', 'encoder')
     self._check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids')
     x = torch.cat([self.embeddings(text_ids), tokens], dim=1)
@@ -689,7 +702,7 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
   def pooled(self, text_ids, text_mask, image, image_mask) -> torch.Tensor:
     """Joint pass -> pooled [CLS] [B, D]."""
     self._need('pooler')
-    tokens, visual_mask, _, _ = self.visual(image, image_mask)
+    tokens, visual_mask = self.joint_visual_tokens(image, image_mask)
     return self.pooler(self.joint(text_ids, text_mask, tokens, visual_mask))
 
   # ---- decoders -----------------------------------------------------------------------
@@ -732,11 +745,12 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
     del unused_batch_entries  # labels and targets of the batch contract
     self._need('pooler', 'mlm_head', 'itm_head')
     tokens, visual_mask, pos, centers = self.visual(image, image_mask)
-    joint = self.joint(text_ids, text_mask, tokens, visual_mask)
+    memory = self._image_encoder()(tokens, visual_mask)
+    joint_tokens = tokens if self.config.joint_visual == 'grid' else memory
+    joint = self.joint(text_ids, text_mask, joint_tokens, visual_mask)
     words = self.embeddings.word_embeddings.weight
     out = {'mlm_logits': self.mlm_head(joint[:, :text_ids.shape[1]], words),
            'itm_logits': self.itm_head(self.pooler(joint))}
-    memory = self.encoder(tokens, visual_mask)
     out.update(self._detect(memory, visual_mask, pos))
     out['caption_logits'] = self.caption_logits(memory, visual_mask, pos, caption_in,
                                                 caption_mask)

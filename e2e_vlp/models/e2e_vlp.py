@@ -10,7 +10,9 @@ Data flow of the pre-training pass (`__call__`):
   visual tokens alone -> encoder -> memory -> detection decoder (object queries)
                                             -> caption decoder (causal, tied output)
 The image-only pass means captions and boxes never see the (possibly masked or
-mismatched) encoder text.
+mismatched) encoder text. With `share_encoder=False` the image-only pass has its own
+encoder (`image_encoder`, same shape), so the joint encoder's weights are shaped by MLM and
+ITM alone rather than mostly by the far denser detection and caption gradients.
 
 Caption decoding with a KV cache (for greedy / beam search):
   memory, memory_mask, memory_pos = model.apply(v, image, image_mask,
@@ -45,6 +47,7 @@ from e2e_vlp.models.transformer import Decoder
 from e2e_vlp.models.transformer import Encoder
 
 Batch = dict[str, jnp.ndarray]
+JOINT_VISUAL = ('grid', 'image_encoder')  # what the joint pass sees of the image
 
 
 def _check_image(image: jnp.ndarray, image_mask: jnp.ndarray, stride: int, name: str = 'image'):
@@ -110,6 +113,8 @@ class E2EVLP(nn.Module):
                  dropout=c.dropout, attention_dropout=c.attention_dropout, remat=c.remat,
                  dtype=dtype)
     self.encoder = Encoder(c.encoder_layers, **stack)
+    if not c.share_encoder:
+      self.image_encoder = Encoder(c.encoder_layers, **stack)
     self.pooler = Pooler(dtype)
     self.mlm_head = TiedLMHead(c.vocab_size, eps, transform=True, dtype=dtype)
     self.itm_head = layers.dense(2, ('embed', None), dtype=dtype)
@@ -139,8 +144,30 @@ class E2EVLP(nn.Module):
     features = self.backbone(image, train=train)
     return self.visual_embeddings(features, image_mask, train=train)
 
-  def _joint(self, text_ids, text_mask, tokens, visual_mask, train) -> jnp.ndarray:
-    """[CLS] text [SEP] ++ visual tokens -> encoder -> [B, L + N, D]."""
+  def joint_visual_tokens(self, image: jnp.ndarray, image_mask: jnp.ndarray, *,
+                          train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The image side of the joint pass: tokens [B, N, D], mask [B, N] bool.
+
+    `config.joint_visual`: 'grid' (paper) the embedded backbone grid; 'image_encoder' the
+    image-only encoding (the decoders' memory), so the text attends to contextualised cells.
+    Retrieval caches these per image and scores many captions against them with `joint`.
+    """
+    tokens, mask, _, _ = self._visual(image, image_mask, train)
+    return self._joint_input(tokens, mask, train), mask
+
+  def _joint_input(self, tokens, visual_mask, train, memory=None):
+    if self.config.joint_visual not in JOINT_VISUAL:
+      raise ValueError(f'config.model.joint_visual={self.config.joint_visual!r}; use one of '
+                       f'{JOINT_VISUAL}.')
+    if self.config.joint_visual == 'grid':
+      return tokens
+    if memory is None:
+      memory = self._image_encoder()(tokens, visual_mask, deterministic=not train)
+    return memory
+
+  def joint(self, text_ids: jnp.ndarray, text_mask: jnp.ndarray, tokens: jnp.ndarray,
+            visual_mask: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    """[CLS] text [SEP] ++ `joint_visual_tokens` -> encoder -> [B, L + N, D]."""
     _check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids', 'max_text_len')
     text = self.embeddings(text_ids, train=train)
     x = jnp.concatenate([text, tokens.astype(text.dtype)], axis=1)
@@ -159,13 +186,16 @@ class E2EVLP(nn.Module):
       position embedding the decoders add to their cross-attention keys).
     """
     tokens, mask, pos, _ = self._visual(image, image_mask, train)
-    return self.encoder(tokens, mask, deterministic=not train), mask, pos
+    return self._image_encoder()(tokens, mask, deterministic=not train), mask, pos
+
+  def _image_encoder(self) -> Encoder:
+    return self.encoder if self.config.share_encoder else self.image_encoder
 
   def pooled(self, text_ids: jnp.ndarray, text_mask: jnp.ndarray, image: jnp.ndarray,
              image_mask: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
     """Joint pass -> BERT-pooled [CLS] [B, D]."""
-    tokens, visual_mask, _, _ = self._visual(image, image_mask, train)
-    return self.pooler(self._joint(text_ids, text_mask, tokens, visual_mask, train))
+    tokens, visual_mask = self.joint_visual_tokens(image, image_mask, train=train)
+    return self.pooler(self.joint(text_ids, text_mask, tokens, visual_mask, train=train))
 
   # ---- decoders -----------------------------------------------------------------------
 
@@ -251,13 +281,15 @@ class E2EVLP(nn.Module):
       visual_mask [B, N] bool, cell_centers [B, N, 2].
     """
     tokens, visual_mask, pos, centers = self._visual(batch['image'], batch['image_mask'], train)
-    joint = self._joint(batch['text_ids'], batch['text_mask'], tokens, visual_mask, train)
+    memory = self._image_encoder()(tokens, visual_mask, deterministic=not train)
+    joint = self.joint(batch['text_ids'], batch['text_mask'],
+                       self._joint_input(tokens, visual_mask, train, memory), visual_mask,
+                       train=train)
     text_len = batch['text_ids'].shape[1]
     out = {
         'mlm_logits': self.mlm_head(joint[:, :text_len], self.embeddings.attend),
         'itm_logits': self.itm_head(self.pooler(joint)).astype(jnp.float32),
     }
-    memory = self.encoder(tokens, visual_mask, deterministic=not train)
     out.update(self._detect(memory, visual_mask, pos, train))
     out['caption_logits'] = self.caption_logits(memory, visual_mask, pos, batch['caption_in'],
                                                 batch['caption_mask'], train=train)

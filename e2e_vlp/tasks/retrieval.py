@@ -20,8 +20,8 @@ re-rank ranks after all its candidates, tied (ties count against the ground trut
 Recall@1/5/10 both ways and their sum. The ranking itself is model-free, in
 `e2e_vlp.eval.retrieval` (`candidate_pairs`, `recall_from_candidates`).
 
-Note: the joint pass on cached visual tokens uses `E2EVLP._visual` / `_joint`, the same
-code as `E2EVLP.itm_score`, split where the backbone's output can be reused.
+The joint pass on cached visual tokens uses `E2EVLP.joint_visual_tokens` / `joint`, the
+same code as `E2EVLP.itm_score`, split where the image side can be reused.
 """
 
 import functools
@@ -48,17 +48,14 @@ MINING = ('itm', 'cosine')
 
 def visual_tokens(module: E2EVLP, image: jax.Array, image_mask: jax.Array, *, train: bool
                   ) -> tuple[jax.Array, jax.Array]:
-  """Backbone + visual embeddings: tokens [B, N, D], mask [B, N] bool."""
-  # pylint: disable-next=protected-access
-  tokens, mask, _, _ = module._visual(image, image_mask, train)
-  return tokens, mask
+  """The joint pass's image side: tokens [B, N, D], mask [B, N] bool."""
+  return module.joint_visual_tokens(image, image_mask, train=train)
 
 
 def match_logits(module: E2EVLP, text_ids: jax.Array, text_mask: jax.Array, tokens: jax.Array,
                  visual_mask: jax.Array, *, train: bool) -> jax.Array:
   """ITM logits [B, 2] of ([CLS] text [SEP], visual tokens) pairs, float32."""
-  # pylint: disable-next=protected-access
-  joint = module._joint(text_ids, text_mask, tokens, visual_mask, train)
+  joint = module.joint(text_ids, text_mask, tokens, visual_mask, train=train)
   return module.itm_head(module.pooler(joint)).astype(jnp.float32)
 
 
@@ -72,7 +69,7 @@ def _masked_mean_normalized(hidden: jax.Array, mask: jax.Array) -> jax.Array:
 
 def image_embedding(module: E2EVLP, tokens: jax.Array, visual_mask: jax.Array, *,
                     train: bool) -> jax.Array:
-  """First-stage image vector [B, D]: the image-only encoder output, mean-pooled."""
+  """First-stage image vector [B, D]: the joint encoder over the image side alone, mean-pooled."""
   return _masked_mean_normalized(module.encoder(tokens, visual_mask, deterministic=not train),
                                  visual_mask)
 
