@@ -212,8 +212,7 @@ class StepRunner:
 
 def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
                      loss_fn: Callable[..., Any], batch: Mapping[str, np.ndarray], *,
-                     frozen_grads: bool = False,
-                     compiler_options: Mapping[str, Any] | None = None) -> StepRunner:
+                     frozen_grads: bool = False) -> StepRunner:
   """The training step exactly as e2e_vlp/train/loop.py builds it, compiled on `batch`.
 
   Mesh from `config.mesh`, rules from `config.sharding`, `make_optimizer(config.optim)`,
@@ -222,7 +221,8 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
   `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. `frozen_grads=True` passes
   no frozen mask: the step then computes the frozen parameters' gradients too (for the
   optimizer to discard), as the project's step did before the mask, to show its cost.
-  `compiler_options` go to `compile_with_stats`.
+  XLA compiles it with the loop's options (`config.train.cpu_backend_optimization_level` on
+  CPU).
   """
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.sharding)
@@ -242,5 +242,6 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
     jitted = state_lib.jit_train_step(step, shardings, mesh, spec)
     device_batch = mesh_lib.global_batch(batch, mesh)
     compiled = compile_with_stats(jitted, state, device_batch,
-                                  compiler_options=compiler_options)
+                                  compiler_options=state_lib.compiler_options(
+                                      config.train, jax.default_backend()))
   return StepRunner(compiled, state, device_batch)

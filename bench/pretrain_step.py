@@ -5,8 +5,10 @@ the config's groups, donated state) on a synthetic batch obeying the data contra
 `tiny` and `base` it reports compile time, step time, examples/s, XLA's flop count of the
 compiled step (`cost_analysis()['flops']`), the achieved GFLOP/s, and that as a fraction
 of a float32 2048^3 matmul measured interleaved with the step (a CPU "MFU": the best this
-host does on dense matrix work; the fastest of the matmul runs). On CPU `base` also runs with XLA's LLVM at -O1
-(`XLA_O1`), which shortens compilation without slowing the step.
+host does on dense matrix work; the fastest of the matmul runs). On CPU each config also
+runs with the other LLVM level for XLA's generated kernels
+(`config.train.cpu_backend_optimization_level`: `base` compiles at 1, which shortens its
+compilation without slowing the step; `tiny` keeps XLA's default).
 
 `base` runs at a reduced canvas and batch on CPU (see SETTINGS); the model is the paper's.
 
@@ -44,15 +46,17 @@ class Setting:
   matcher: str = ''  # '' keeps config.loss.det.matcher
   dtype: str = ''  # '' keeps config.model.dtype
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config path, value), e.g. shrinking
-  # XLA options for this step's compilation, e.g. XLA_O1 below.
-  compiler_options: tuple[tuple[str, Any], ...] = ()
+  # config.train.cpu_backend_optimization_level; None keeps the config's.
+  backend_level: int | None = None
 
   @property
   def name(self) -> str:
     extras = [x for x in (self.matcher, self.dtype) if x]
     if self.overrides:
       extras.append('shrunk')
-    extras += [f'{k.removeprefix("xla_")}={v}' for k, v in self.compiler_options]
+    if self.backend_level is not None:
+      extras.append('XLA default level' if self.backend_level < 0
+                    else f'backend_optimization_level={self.backend_level}')
     return self.variant + (f' ({", ".join(extras)})' if extras else '')
 
 
@@ -62,10 +66,6 @@ SETTINGS = {
     'tiny': Setting('tiny', 96, 32),
     'base': Setting('base', 384, 4),
 }
-# LLVM at -O1 for XLA's generated CPU kernels (XLA_FLAGS=--xla_backend_optimization_level=1):
-# measured at base 64 -> 44 s of compile CPU time at the same step time (convolutions and
-# matmuls are library calls that the level does not touch).
-XLA_O1 = (('xla_backend_optimization_level', 1),)
 TARGET_PEAK_FRACTION = 0.5  # base step GFLOP/s / matmul GFLOP/s
 TARGET_COMPILE_S = 60.0
 
@@ -78,6 +78,8 @@ def setting_config(setting: Setting) -> Any:
   if setting.dtype:
     config.model.dtype = setting.dtype
   config.train.batch_size = setting.batch_size
+  if setting.backend_level is not None:
+    config.train.cpu_backend_optimization_level = setting.backend_level
   for path, value in setting.overrides:
     *parents, leaf = path.split('.')
     node = config
@@ -132,7 +134,7 @@ def synthetic_batch(config: Any, batch_size: int, shapes: ShapesFn, seed: int = 
 
 def step_runner(config: Any, batch_size: int, *,
                 pieces: tuple[ShapesFn, LossesFn] | None = None,
-                compiler_options: tuple[tuple[str, Any], ...] = ()) -> common.StepRunner:
+                ) -> common.StepRunner:
   """The compiled pre-training step of `config` on a synthetic batch of `batch_size`."""
   shapes, losses = pieces or task_pieces()
   model = E2EVLP(config.model)
@@ -147,8 +149,7 @@ def step_runner(config: Any, batch_size: int, *,
                           rngs={'dropout': rng})
     return losses(outputs, batch, config)
 
-  return common.make_step_runner(config, init_variables, loss_fn, batch,
-                                 compiler_options=dict(compiler_options))
+  return common.make_step_runner(config, init_variables, loss_fn, batch)
 
 
 def examples_per_second(config: Any, batch_size: int, *,
@@ -165,8 +166,10 @@ def examples_per_second(config: Any, batch_size: int, *,
 
 def settings_for(quick: bool, variants: tuple[str, ...]) -> list[Setting]:
   out = [SETTINGS[v] for v in variants]
-  if 'base' in variants and jax.default_backend() == 'cpu':  # the compile-time target
-    out.append(dataclasses.replace(SETTINGS['base'], compiler_options=XLA_O1))
+  if jax.default_backend() == 'cpu':  # the config's LLVM level against the other choice
+    for v in variants:
+      level = pretrain.get_config(v).train.cpu_backend_optimization_level
+      out.append(dataclasses.replace(SETTINGS[v], backend_level=1 if level < 0 else -1))
   if not quick and 'base' in variants:  # the faster matcher on CPU (bench/matcher.py)
     out.append(dataclasses.replace(SETTINGS['base'], matcher='scipy'))
   return out
@@ -184,8 +187,7 @@ def run(quick: bool = False, repeats: int | None = None,
   rows, verdicts = [], []
   for setting in settings or settings_for(quick, variants):
     config = setting_config(setting)
-    runner = step_runner(config, setting.batch_size, pieces=pieces,
-                         compiler_options=setting.compiler_options)
+    runner = step_runner(config, setting.batch_size, pieces=pieces)
     # The peak is the fastest matmul: on a shared host a short matmul is the likelier of
     # the two to be hit by a load spike, and a median peak measured under such spikes
     # once gave a "fraction of peak" above 1.

@@ -123,6 +123,19 @@ def test_itm_negatives_never_own_image(tokenizer):
   assert abs(np.mean(labels) - 0.5) < 0.13  # 96 draws: about 2.5 sigma
 
 
+def test_mlm_labels_restore_the_unmasked_text(tokenizer):
+  # The pre-training evaluation scores ITM on where(mlm_labels >= 0, mlm_labels, text_ids).
+  examples = _examples(16, image_ids=[i // 2 for i in range(16)])
+  masked = _make(tokenizer, examples, batch=8, mlm_prob=0.4, itm_neg_prob=0.5)
+  clean = _make(tokenizer, examples, batch=8, mlm_prob=0.0, itm_neg_prob=0.5)
+  for _ in range(4):
+    m, c = next(masked), next(clean)
+    assert (m['mlm_labels'] >= 0).any() and (c['mlm_labels'] < 0).all()
+    np.testing.assert_array_equal(m['itm_label'], c['itm_label'])
+    np.testing.assert_array_equal(
+        np.where(m['mlm_labels'] >= 0, m['mlm_labels'], m['text_ids']), c['text_ids'])
+
+
 def test_same_seed_same_batches_and_exact_resume(tokenizer, tmp_path):
   # 14 records, 1 corrupt, batches of 4: the 10 batches after the save cross epoch boundaries.
   examples = _examples(14, corrupt={5})

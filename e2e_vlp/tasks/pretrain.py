@@ -95,7 +95,8 @@ class Task:
         if first_batch is None:
           first_batch = (local, outputs)
     metrics = {name: sums[f'{name}_correct'] / max(sums[f'{name}_count'], 1.0)
-               for name in ('mlm', 'itm', 'caption_token', 'blind_caption_token')
+               for name in ('mlm', 'itm', 'itm_masked_text', 'caption_token',
+                            'blind_caption_token')
                if f'{name}_count' in sums}
     metrics = {f'{k}_accuracy': v for k, v in metrics.items()}
     metrics.update(self._detection_metrics({k: np.concatenate(v) for k, v in det.items()}))
@@ -149,8 +150,13 @@ def _eval_fn(model: nn.Module):
     # of the caption accuracy comes from the image rather than from the language prior.
     blind = model.apply(variables, dict(batch, image=jnp.zeros_like(batch['image'])),
                         train=False)
+    # ITM is scored on the real text: the MLM corruption is training's, not the task's.
+    clean_text = jnp.where(batch['mlm_labels'] >= 0, batch['mlm_labels'], batch['text_ids'])
+    itm_logits = model.apply(variables, dict(batch, text_ids=clean_text),
+                             train=False)['itm_logits']
     parts = {'mlm': acc(outputs['mlm_logits'], batch['mlm_labels'], mlm_w),
-             'itm': acc(outputs['itm_logits'], batch['itm_label'], valid),
+             'itm': acc(itm_logits, batch['itm_label'], valid),
+             'itm_masked_text': acc(outputs['itm_logits'], batch['itm_label'], valid),
              'caption_token': acc(outputs['caption_logits'], batch['caption_out'], caption_w),
              'blind_caption_token': acc(blind['caption_logits'], batch['caption_out'],
                                         caption_w)}

@@ -140,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
                             {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                                      sharding=mesh_lib.batch_sharding(mesh, len(v.shape)))
                              for k, v in batch_spec.items()}).compile(
-                                 compiler_options(config.train, jax.default_backend()))
+                                 state_lib.compiler_options(config.train, jax.default_backend()))
     compile_seconds = time.time() - t0
   step_flops = _flops(compiled)
   logging.info('Step compiled in %.1fs (%.3g GFLOP per step).', compile_seconds,
@@ -239,15 +239,6 @@ def _save(checkpointer: ckpt_lib.Checkpointer, step: int, state: state_lib.Train
         f'good checkpoint is step {max(checkpointer.all_steps(), default=None)}.')
   checkpointer.save(step, state, ckpt_lib.DataState(data_iter.get_state(), stream_start),
                     force=True)
-
-
-def compiler_options(train_config: ml_collections.ConfigDict, backend: str
-                     ) -> dict[str, Any] | None:
-  """XLA options for compiling the step on `backend` (none but on CPU)."""
-  level = train_config.cpu_backend_optimization_level
-  if backend != 'cpu' or level < 0:
-    return None
-  return {'xla_backend_optimization_level': level}
 
 
 def _flops(compiled) -> float:

@@ -160,3 +160,12 @@ def jit_train_step(step, shardings: TrainState, mesh: Mesh, batch_spec: Mapping[
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, NamedSharding(mesh, P())),
                  donate_argnums=(0,))
+
+
+def compiler_options(train_config: Any, backend: str) -> dict[str, Any] | None:
+  """XLA options for compiling the train step on `backend`: on CPU only,
+  `train.cpu_backend_optimization_level` (LLVM's level for XLA's generated kernels)."""
+  level = train_config.cpu_backend_optimization_level
+  if backend != 'cpu' or level < 0:
+    return None
+  return {'xla_backend_optimization_level': level}
