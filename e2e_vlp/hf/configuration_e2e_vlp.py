@@ -13,9 +13,9 @@ from transformers import PretrainedConfig
 
 # Modules of the pre-training network, in the order they are built.
 PRETRAIN_COMPONENTS = ('backbone', 'embeddings', 'visual_embeddings', 'encoder',
-                       'image_encoder', 'pooler', 'mlm_head', 'itm_head', 'queries', 'decoder', 'det_head',
-                       'caption_embeddings', 'caption_decoder', 'caption_head',
-                       'cell_class_head')
+                       'image_encoder', 'pooler', 'mlm_head', 'itm_head', 'queries',
+                       'decoder', 'det_head', 'caption_embeddings', 'caption_decoder',
+                       'caption_head', 'cell_class_head')
 ALL_COMPONENTS = PRETRAIN_COMPONENTS + ('vqa_head', 'nlvr2_head')
 
 

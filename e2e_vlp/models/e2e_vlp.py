@@ -153,17 +153,15 @@ class E2EVLP(nn.Module):
     Retrieval caches these per image and scores many captions against them with `joint`.
     """
     tokens, mask, _, _ = self._visual(image, image_mask, train)
-    return self._joint_input(tokens, mask, train), mask
+    if self._joint_reads_image_encoder():
+      tokens = self._image_encoder()(tokens, mask, deterministic=not train)
+    return tokens, mask
 
-  def _joint_input(self, tokens, visual_mask, train, memory=None):
+  def _joint_reads_image_encoder(self) -> bool:
     if self.config.joint_visual not in JOINT_VISUAL:
       raise ValueError(f'config.model.joint_visual={self.config.joint_visual!r}; use one of '
                        f'{JOINT_VISUAL}.')
-    if self.config.joint_visual == 'grid':
-      return tokens
-    if memory is None:
-      memory = self._image_encoder()(tokens, visual_mask, deterministic=not train)
-    return memory
+    return self.config.joint_visual == 'image_encoder'
 
   def joint(self, text_ids: jnp.ndarray, text_mask: jnp.ndarray, tokens: jnp.ndarray,
             visual_mask: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -282,8 +280,8 @@ class E2EVLP(nn.Module):
     """
     tokens, visual_mask, pos, centers = self._visual(batch['image'], batch['image_mask'], train)
     memory = self._image_encoder()(tokens, visual_mask, deterministic=not train)
-    joint = self.joint(batch['text_ids'], batch['text_mask'],
-                       self._joint_input(tokens, visual_mask, train, memory), visual_mask,
+    joint_tokens = memory if self._joint_reads_image_encoder() else tokens
+    joint = self.joint(batch['text_ids'], batch['text_mask'], joint_tokens, visual_mask,
                        train=train)
     text_len = batch['text_ids'].shape[1]
     out = {

@@ -46,12 +46,6 @@ MINING = ('itm', 'cosine')
 # ------------------------------------------------------------------ model pieces (methods)
 
 
-def visual_tokens(module: E2EVLP, image: jax.Array, image_mask: jax.Array, *, train: bool
-                  ) -> tuple[jax.Array, jax.Array]:
-  """The joint pass's image side: tokens [B, N, D], mask [B, N] bool."""
-  return module.joint_visual_tokens(image, image_mask, train=train)
-
-
 def match_logits(module: E2EVLP, text_ids: jax.Array, text_mask: jax.Array, tokens: jax.Array,
                  visual_mask: jax.Array, *, train: bool) -> jax.Array:
   """ITM logits [B, 2] of ([CLS] text [SEP], visual tokens) pairs, float32."""
@@ -116,7 +110,8 @@ def retrieval_outputs(module: E2EVLP, batch: dict[str, jax.Array], *, train: boo
     itm_logits [3B, 2], itm_label [3B] (B ones, then 2B zeros), itm_weight [3B] (0 for a
     missing negative), and similarity [B, B] when the cosine is needed.
   """
-  tokens, visual_mask = visual_tokens(module, batch['image'], batch['image_mask'], train=train)
+  tokens, visual_mask = module.joint_visual_tokens(batch['image'], batch['image_mask'],
+                                                   train=train)
   ids, mask, group = batch['text_ids'], batch['text_mask'], batch['image_group']
   b = ids.shape[0]
   out = {}
@@ -167,8 +162,8 @@ def retrieval_loss(outputs: dict[str, jax.Array], group: jax.Array,
 def _encode_gallery_batch(model: E2EVLP, variables, batch) -> dict[str, jax.Array]:
   """Visual tokens, first-stage image vectors and [b, C, D] caption vectors of a batch."""
   def encode(module: E2EVLP, batch):
-    tokens, visual_mask = visual_tokens(module, batch['image'], batch['image_mask'],
-                                        train=False)
+    tokens, visual_mask = module.joint_visual_tokens(batch['image'], batch['image_mask'],
+                                                     train=False)
     b, c, length = batch['text_ids'].shape
     text = text_embedding(module, batch['text_ids'].reshape(b * c, length),
                           batch['text_mask'].reshape(b * c, length), train=False)
