@@ -61,7 +61,8 @@ FULL = Plan(
     repeats=10, matmul_n=8192)
 _SMOKE_MODEL = (('model.d_model', 32), ('model.num_heads', 4), ('model.mlp_dim', 64),
                 ('model.encoder_layers', 1), ('model.decoder_layers', 1),
-                ('model.caption_decoder_layers', 1), ('model.num_queries', 6),
+                ('model.caption_decoder_layers', 1), ('model.fusion_layers', 1),
+                ('model.num_queries', 6),
                 ('model.backbone.width', 8), ('data.max_boxes', 3),
                 ('data.max_text_len', 10), ('data.max_caption_len', 10))
 SMOKE = Plan(

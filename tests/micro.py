@@ -16,7 +16,7 @@ def micro_config(cache_dir: str, **overrides) -> ml_collections.ConfigDict:
   config = pretrain.get_config('tiny')
   m, d, t = config.model, config.data, config.train
   m.d_model, m.num_heads, m.mlp_dim = 32, 4, 64
-  m.encoder_layers = m.decoder_layers = m.caption_decoder_layers = 1
+  m.encoder_layers = m.decoder_layers = m.caption_decoder_layers = m.fusion_layers = 1
   m.num_queries = 8
   m.backbone.width = 8
   d.corpus_train_images, d.corpus_val_images = MICRO_TRAIN_IMAGES, MICRO_VAL_IMAGES

@@ -23,7 +23,7 @@ VOCAB = 6  # small enough to enumerate every caption of length <= 3
 def _tiny_config():
   c = pretrain.get_config('tiny').model
   c.d_model, c.num_heads, c.mlp_dim = 32, 4, 64
-  c.encoder_layers = c.decoder_layers = c.caption_decoder_layers = 1
+  c.encoder_layers = c.decoder_layers = c.caption_decoder_layers = c.fusion_layers = 1
   c.vocab_size, c.num_queries, c.num_classes, c.num_attributes = VOCAB, 4, 3, 4
   c.backbone.stage_sizes, c.backbone.width = (1, 1), 8  # output stride 4: 4x4 cells
   return c

@@ -45,7 +45,7 @@ def _tiny_config(**overrides) -> ml_collections.ConfigDict:
   config = pretrain.get_config('tiny')
   m = config.model
   m.d_model, m.num_heads, m.mlp_dim = 32, 2, 64
-  m.encoder_layers, m.decoder_layers, m.caption_decoder_layers = 1, 2, 1
+  m.encoder_layers, m.decoder_layers, m.caption_decoder_layers, m.fusion_layers = 1, 2, 1, 1
   m.num_queries, m.vocab_size, m.max_text_len, m.max_caption_len = 5, 40, 12, 8
   m.backbone.width = 8
   for name, value in overrides.items():
@@ -198,14 +198,14 @@ def test_all_heads_shared_decoder_batch_norm_bottleneck_and_round_trip(tmp_path)
                            'backbone.dilation': True, 'backbone.width': 4,
                            'reference_points': False, 'share_decoder': True,
                            'share_encoder': True, 'joint_visual': 'grid',
-                           'cell_class_head': False,
+                           'joint_fusion': 'merged', 'cell_class_head': False,
                            'num_answers': 3})
   variables = _random_variables(convert.abstract_variables(config.model), seed=2)
   out = tmp_path / 'hf_heads'
   out.mkdir()
   components = convert.write_hf_folder(variables, config.model, str(out), None)
   assert {'vqa_head', 'nlvr2_head'} <= set(components)
-  assert not {'caption_decoder', 'image_encoder'} & set(components)
+  assert not {'caption_decoder', 'image_encoder', 'fusion'} & set(components)
   model = _load_hf(str(out))
 
   batch = _batch(1, config.model.vocab_size)

@@ -176,11 +176,13 @@ def _shifted(variables, module: str):
   return {**variables, 'params': params}
 
 
+@pytest.mark.parametrize('joint_fusion', ['merged', 'cross_attention'])
 @pytest.mark.parametrize('joint_visual', ['grid', 'image_encoder'])
-def test_separate_image_encoder(batch, joint_visual):
+def test_separate_image_encoder(batch, joint_visual, joint_fusion):
   """The image encoder feeds the decoders, and the joint pass only with 'image_encoder';
-  the joint encoder never reaches the decoders."""
-  model = E2EVLP(tiny(share_encoder=False, joint_visual=joint_visual))
+  the joint pass's own layers never reach the decoders."""
+  model = E2EVLP(tiny(share_encoder=False, joint_visual=joint_visual,
+                      joint_fusion=joint_fusion))
   forward = jax.jit(lambda v, b: model.apply(v, b, train=False))
   variables = fill(abstract_variables(model, batch, train=False))
   outputs = forward(variables, batch)
@@ -192,9 +194,28 @@ def test_separate_image_encoder(batch, joint_visual):
     assert_same(outputs, got, joint_keys)
   else:
     assert not np.allclose(got['mlm_logits'], outputs['mlm_logits'], atol=1e-4)
-  got = forward(_shifted(variables, 'encoder'), batch)
+  joint_layers = 'encoder' if joint_fusion == 'merged' else 'fusion'
+  assert ('encoder' in variables['params']) == (joint_fusion == 'merged')
+  got = forward(_shifted(variables, joint_layers), batch)
   assert_same(outputs, got, DECODER_KEYS)
   assert not np.allclose(got['mlm_logits'], outputs['mlm_logits'], atol=1e-4)
+
+
+def test_cross_attention_fusion_returns_the_text(batch):
+  # The fusion's output is the text alone; MLM reads it, and it changes with the image.
+  model = E2EVLP(tiny(joint_fusion='cross_attention'))
+  variables = fill(abstract_variables(model, batch, train=False))
+
+  def joint(v, b):
+    tokens, mask = model.apply(v, b['image'], b['image_mask'],
+                               method=E2EVLP.joint_visual_tokens)
+    return model.apply(v, b['text_ids'], b['text_mask'], tokens, mask, method=E2EVLP.joint)
+
+  run = jax.jit(joint)
+  out = run(variables, batch)
+  assert out.shape == batch['text_ids'].shape + (model.config.d_model,)
+  other = run(variables, dict(batch, image=batch['image'][::-1]))
+  assert not np.allclose(out, other, atol=1e-4)
 
 
 def test_shared_encoder_has_no_image_encoder(batch):
@@ -315,13 +336,17 @@ def test_parameter_counts(variant, base_abstract):
   params, stats = abstract['params'], abstract.get('batch_stats', {})  # none with GroupNorm
   d, f = config.d_model, config.mlp_dim
   bert_layer = 4 * (d * d + d) + 2 * (d * f) + f + d + 4 * d
-  assert _count(params['encoder']['layer_0']) == bert_layer
-  assert _count(params['encoder']) == config.encoder_layers * bert_layer
-  if not config.share_encoder:
-    assert _count(params['image_encoder']) == config.encoder_layers * bert_layer
+  image_encoder = 'encoder' if config.share_encoder else 'image_encoder'
+  assert _count(params[image_encoder]['layer_0']) == bert_layer
+  assert _count(params[image_encoder]) == config.encoder_layers * bert_layer
   # DETR layer: two attentions, the FFN, three LayerNorms; plus the final LayerNorm.
   detr_layer = 8 * (d * d + d) + 2 * (d * f) + f + d + 6 * d
   assert _count(params['decoder']) == config.decoder_layers * detr_layer + 2 * d
+  if config.joint_fusion == 'merged':  # the joint pass runs the (or a second) encoder
+    assert _count(params['encoder']) == config.encoder_layers * bert_layer
+  else:  # DETR layers over the text; no joint encoder
+    assert _count(params['fusion']) == config.fusion_layers * detr_layer + 2 * d
+    assert config.share_encoder or 'encoder' not in params
   text = (config.vocab_size + config.max_text_len + config.type_vocab_size) * d + 2 * d
   assert _count(params['embeddings']) == text
   backbone = _count(params['backbone']) + sum(
@@ -382,8 +407,9 @@ def test_every_parameter_has_logical_names(batch):
 def test_finetune_heads_create_only_what_they_use(batch):
   model = E2EVLP(tiny(num_answers=10))
   vqa = abstract_variables(model, batch, train=False, method=E2EVLP.vqa_logits)
-  # tiny's joint pass reads the image encoder (joint_visual='image_encoder').
-  assert set(vqa['params']) == {'backbone', 'embeddings', 'visual_embeddings', 'encoder',
+  # tiny's joint pass: fusion layers (joint_fusion='cross_attention') over the image
+  # encoder's output (joint_visual='image_encoder').
+  assert set(vqa['params']) == {'backbone', 'embeddings', 'visual_embeddings', 'fusion',
                                 'image_encoder', 'pooler', 'vqa_head'}
   assert jax.eval_shape(functools.partial(model.apply, method=E2EVLP.vqa_logits), vqa,
                         batch).shape == (B, 10)

@@ -23,7 +23,7 @@ def small_config():
   config = pretrain.get_config('tiny')
   m, d = config.model, config.data
   m.d_model, m.num_heads, m.mlp_dim = 32, 4, 64
-  m.encoder_layers = m.decoder_layers = m.caption_decoder_layers = 1
+  m.encoder_layers = m.decoder_layers = m.caption_decoder_layers = m.fusion_layers = 1
   m.num_queries, m.vocab_size, m.max_text_len, m.max_caption_len = 6, 64, 12, 12
   m.backbone.width = 8
   d.image_size, d.max_boxes, d.max_text_len, d.max_caption_len = 32, 3, 10, 10

@@ -288,7 +288,8 @@ _TINY_RUN = [
     'train.total_steps=2', 'train.log_every=1', 'train.eval_every=2', 'train.eval_batches=1',
     'train.checkpoint_every=2', 'train.batch_size=4', 'train.num_visualize=0',
     'model.d_model=32', 'model.mlp_dim=64', 'model.encoder_layers=1',
-    'model.decoder_layers=1', 'model.caption_decoder_layers=1', 'model.num_queries=8',
+    'model.decoder_layers=1', 'model.caption_decoder_layers=1', 'model.fusion_layers=1',
+    'model.num_queries=8',
     'data.corpus_train_images=64', 'data.corpus_val_images=16', 'data.shuffle_buffer=64']
 # Compiles dominate the runs. XLA's cheapest code generation (the older fusion emitters
 # compile the train step in 6 s of CPU instead of 15 s at optimization level 0, 27 s by

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 # Modules of the pre-training network, in the order they are built.
 PRETRAIN_COMPONENTS = ('backbone', 'embeddings', 'visual_embeddings', 'encoder',
-                       'image_encoder', 'pooler', 'mlm_head', 'itm_head', 'queries',
+                       'image_encoder', 'fusion', 'pooler', 'mlm_head', 'itm_head', 'queries',
                        'decoder', 'det_head', 'caption_embeddings', 'caption_decoder',
                        'caption_head', 'cell_class_head')
 ALL_COMPONENTS = PRETRAIN_COMPONENTS + ('vqa_head', 'nlvr2_head')
@@ -43,6 +43,9 @@ class E2EVLPConfig(PretrainedConfig):
   share_decoder: bool = True
   share_encoder: bool = True  # False: `image_encoder` feeds the decoders
   joint_visual: str = 'grid'  # or 'image_encoder': the joint pass reads the image encoding
+  # or 'cross_attention': the joint pass is `fusion` (DETR decoder layers over the text)
+  joint_fusion: str = 'merged'
+  fusion_layers: int = 6
   dropout: float = 0.1
   attention_dropout: float = 0.1
   num_queries: int = 100
@@ -76,6 +79,10 @@ class E2EVLPConfig(PretrainedConfig):
       skip.add('caption_decoder')
     if self.share_encoder:
       skip.add('image_encoder')
+    if self.joint_fusion == 'merged':
+      skip.add('fusion')
+    elif not self.share_encoder:
+      skip.add('encoder')  # the image has its own encoder and the text the fusion
     if not self.cell_class_head:
       skip.add('cell_class_head')
     return tuple(c for c in PRETRAIN_COMPONENTS if c not in skip)

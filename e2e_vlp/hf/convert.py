@@ -305,10 +305,11 @@ def token_ids(vocab: list[str], tokens: Mapping[str, str]) -> dict[str, int]:
 
 _MODEL_FIELDS = ('vocab_size', 'd_model', 'num_heads', 'mlp_dim', 'encoder_layers',
                  'decoder_layers', 'caption_decoder_layers', 'share_decoder', 'share_encoder',
-                 'joint_visual', 'dropout', 'attention_dropout', 'num_queries',
-                 'max_text_len', 'max_caption_len', 'type_vocab_size', 'layer_norm_eps',
-                 'decoder_layer_norm_eps', 'num_classes', 'num_attributes', 'box_head_layers',
-                 'reference_points', 'cell_class_head', 'num_answers')
+                 'joint_visual', 'joint_fusion', 'fusion_layers', 'dropout',
+                 'attention_dropout', 'num_queries', 'max_text_len', 'max_caption_len',
+                 'type_vocab_size', 'layer_norm_eps', 'decoder_layer_norm_eps', 'num_classes',
+                 'num_attributes', 'box_head_layers', 'reference_points', 'cell_class_head',
+                 'num_answers')
 _BACKBONE_FIELDS = ('block', 'stage_sizes', 'width', 'stem', 'dilation', 'norm')
 # How the JAX model computes, not what: the PyTorch mirror runs float32 without remat.
 _COMPUTE_ONLY = ('dtype', 'remat')
@@ -335,7 +336,8 @@ def hf_config_kwargs(model_config: ml_collections.ConfigDict, components: list[s
   kwargs['num_answers'] = m.get('num_answers', 0)
   if m.get('decoder_layer_norm_eps') is None:  # configs from before the decoder eps
     kwargs['decoder_layer_norm_eps'] = m.layer_norm_eps
-  for field, paper_value in (('share_encoder', True), ('joint_visual', 'grid')):
+  for field, paper_value in (('share_encoder', True), ('joint_visual', 'grid'),
+                             ('joint_fusion', 'merged'), ('fusion_layers', 6)):
     if m.get(field) is None:  # configs from before the field
       kwargs[field] = paper_value
   kwargs.update({f'backbone_{k}': b[k] for k in _BACKBONE_FIELDS})

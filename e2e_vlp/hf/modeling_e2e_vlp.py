@@ -613,6 +613,7 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
         'visual_embeddings': lambda: VisualEmbeddings(c, channels, self._stride),
         'encoder': lambda: Encoder(c),
         'image_encoder': lambda: Encoder(c),
+        'fusion': lambda: Decoder(c, c.fusion_layers),
         'pooler': lambda: Pooler(c.d_model),
         'mlm_head': lambda: TiedLMHead(c, transform=True),
         'itm_head': lambda: nn.Linear(c.d_model, 2),
@@ -687,7 +688,14 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
     return self._image_encoder()(tokens, mask), mask
 
   def joint(self, text_ids, text_mask, tokens, visual_mask) -> torch.Tensor:
-    """[CLS] text [SEP] ++ `joint_visual_tokens` -> encoder -> [B, L + N, D]."""
+    """The joint pass -> [B, L + N, D] ('merged': the encoder over [CLS] text [SEP] ++
+    `joint_visual_tokens`) or [B, L, D] ('cross_attention': `fusion` over the text)."""
+    if self.config.joint_fusion == 'cross_attention':
+      self._need('embeddings', 'fusion')
+      self._check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids')
+      return self.fusion(self.embeddings(text_ids), None, tokens, None,
+                         text_mask[:, None, None, :], visual_mask[:, None, None, :],
+                         return_all=False)
     self._need('embeddings', 'encoder')
     self._check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids')
     x = torch.cat([self.embeddings(text_ids), tokens], dim=1)

@@ -7,6 +7,8 @@ builds the encoder and the VQA head and nothing else.
 Data flow of the pre-training pass (`__call__`):
   image -> backbone -> visual tokens (computed once)
   [CLS] text [SEP] ++ visual tokens -> encoder -> MLM (tied) and ITM (pooled [CLS])
+    (or, with joint_fusion='cross_attention': [CLS] text [SEP] -> fusion layers that
+    cross-attend to the visual tokens -> MLM and ITM)
   visual tokens alone -> encoder -> memory -> detection decoder (object queries)
                                             -> caption decoder (causal, tied output)
 The image-only pass means captions and boxes never see the (possibly masked or
@@ -48,6 +50,9 @@ from e2e_vlp.models.transformer import Encoder
 
 Batch = dict[str, jnp.ndarray]
 JOINT_VISUAL = ('grid', 'image_encoder')  # what the joint pass sees of the image
+# How the joint pass mixes text and image: 'merged' (paper) one encoder over the text and
+# image tokens together; 'cross_attention' text-only layers that cross-attend to the image.
+JOINT_FUSION = ('merged', 'cross_attention')
 
 
 def _check_image(image: jnp.ndarray, image_mask: jnp.ndarray, stride: int, name: str = 'image'):
@@ -112,16 +117,18 @@ class E2EVLP(nn.Module):
     stack = dict(d_model=c.d_model, num_heads=c.num_heads, mlp_dim=c.mlp_dim, epsilon=eps,
                  dropout=c.dropout, attention_dropout=c.attention_dropout, remat=c.remat,
                  dtype=dtype)
+    # DETR's LayerNorm eps: its first decoder layer normalises the zero target plus a zero
+    # attention output, where BERT's 1e-12 turns the LayerNorm gradient into ~1e6.
+    decoder_stack = dict(stack, epsilon=c.decoder_layer_norm_eps)
     self.encoder = Encoder(c.encoder_layers, **stack)
     if not c.share_encoder:
       self.image_encoder = Encoder(c.encoder_layers, **stack)
+    if c.joint_fusion == 'cross_attention':
+      self.fusion = Decoder(c.fusion_layers, **decoder_stack)
     self.pooler = Pooler(dtype)
     self.mlm_head = TiedLMHead(c.vocab_size, eps, transform=True, dtype=dtype)
     self.itm_head = layers.dense(2, ('embed', None), dtype=dtype)
     self.queries = QueryEmbeddings(c.num_queries, c.d_model, c.reference_points, dtype)
-    # DETR's LayerNorm eps: its first decoder layer normalises the zero target plus a zero
-    # attention output, where BERT's 1e-12 turns the LayerNorm gradient into ~1e6.
-    decoder_stack = dict(stack, epsilon=c.decoder_layer_norm_eps)
     self.decoder = Decoder(c.decoder_layers, **decoder_stack)
     self.det_head = DetectionHead(c.num_classes, c.num_attributes, c.box_head_layers,
                                   c.reference_points, dtype)
@@ -165,9 +172,21 @@ class E2EVLP(nn.Module):
 
   def joint(self, text_ids: jnp.ndarray, text_mask: jnp.ndarray, tokens: jnp.ndarray,
             visual_mask: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
-    """[CLS] text [SEP] ++ `joint_visual_tokens` -> encoder -> [B, L + N, D]."""
+    """The joint pass over [CLS] text [SEP] and `joint_visual_tokens` [B, N, D].
+
+    Returns [B, L + N, D] ('merged': the encoder over text ++ image tokens) or [B, L, D]
+    ('cross_attention': the fusion layers' text, which attends to the image tokens by
+    cross-attention; their sine positions are already in them); the text comes first.
+    """
     _check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids', 'max_text_len')
     text = self.embeddings(text_ids, train=train)
+    if self.config.joint_fusion not in JOINT_FUSION:
+      raise ValueError(f'config.model.joint_fusion={self.config.joint_fusion!r}; use one of '
+                       f'{JOINT_FUSION}.')
+    if self.config.joint_fusion == 'cross_attention':
+      return self.fusion(text, None, tokens.astype(text.dtype), None,
+                         text_mask[:, None, None, :], visual_mask[:, None, None, :],
+                         deterministic=not train, return_all=False)
     x = jnp.concatenate([text, tokens.astype(text.dtype)], axis=1)
     mask = jnp.concatenate([text_mask, visual_mask], axis=1)
     return self.encoder(x, mask, deterministic=not train)

@@ -63,7 +63,11 @@ def _masked_mean_normalized(hidden: jax.Array, mask: jax.Array) -> jax.Array:
 
 def image_embedding(module: E2EVLP, tokens: jax.Array, visual_mask: jax.Array, *,
                     train: bool) -> jax.Array:
-  """First-stage image vector [B, D]: the joint encoder over the image side alone, mean-pooled."""
+  """First-stage image vector [B, D]: the joint encoder over the image side alone, mean-pooled.
+
+  With joint_fusion='cross_attention' the joint pass has no encoder of its own; `encoder`
+  then serves the first stage only, and a pre-training checkpoint does not initialise it.
+  """
   return _masked_mean_normalized(module.encoder(tokens, visual_mask, deterministic=not train),
                                  visual_mask)
 
@@ -209,8 +213,13 @@ class Task:
             for k, (shape, dtype) in spec.items()}
 
   def init_variables(self, rng: jax.Array):
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(1).items()}
-    return self.model.init({'params': rng, 'dropout': rng}, batch, method=E2EVLP.itm_score)
+    # Through the training forward: with joint_fusion='cross_attention' the first-stage
+    # encoder (`encoder`, see image_embedding) is used by retrieval alone.
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(2).items()}
+    loss = self.config.loss
+    return self.model.init({'params': rng, 'dropout': rng}, batch, train=False,
+                           method=retrieval_outputs, mining=loss.hard_negatives,
+                           contrastive=bool(loss.contrastive))
 
   def loss_fn(self, params, constants, batch, rng):
     loss = self.config.loss

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from e2e_vlp.models.e2e_vlp import JOINT_FUSION
 from e2e_vlp.models.e2e_vlp import JOINT_VISUAL
 from e2e_vlp.train import mesh as mesh_lib
 from e2e_vlp.train import sharding
@@ -62,6 +63,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
            f"config.model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'.")
   _require(m.joint_visual in JOINT_VISUAL,
            f'config.model.joint_visual={m.joint_visual!r}: use one of {JOINT_VISUAL}.')
+  _require(m.joint_fusion in JOINT_FUSION,
+           f'config.model.joint_fusion={m.joint_fusion!r}: use one of {JOINT_FUSION}.')
+  _require(m.fusion_layers > 0, f'config.model.fusion_layers={m.fusion_layers} must be positive.')
   _require(config.loss.det.matcher in ('hungarian', 'scipy'),
            f"config.loss.det.matcher={config.loss.det.matcher!r}: use 'hungarian' or 'scipy'.")
   _require(0.0 <= d.mlm_prob < 1.0, f'config.data.mlm_prob={d.mlm_prob} must be in [0, 1).')
