@@ -690,14 +690,13 @@ class E2EVLPModel(E2EVLPPreTrainedModel):
   def joint(self, text_ids, text_mask, tokens, visual_mask) -> torch.Tensor:
     """The joint pass -> [B, L + N, D] ('merged': the encoder over [CLS] text [SEP] ++
     `joint_visual_tokens`) or [B, L, D] ('cross_attention': `fusion` over the text)."""
-    if self.config.joint_fusion == 'cross_attention':
-      self._need('embeddings', 'fusion')
-      self._check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids')
+    cross_attention = self.config.joint_fusion == 'cross_attention'
+    self._need('embeddings', 'fusion' if cross_attention else 'encoder')
+    self._check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids')
+    if cross_attention:
       return self.fusion(self.embeddings(text_ids), None, tokens, None,
                          text_mask[:, None, None, :], visual_mask[:, None, None, :],
                          return_all=False)
-    self._need('embeddings', 'encoder')
-    self._check_tokens(text_ids, text_mask, self.config.max_text_len, 'text_ids')
     x = torch.cat([self.embeddings(text_ids), tokens], dim=1)
     return self.encoder(x, torch.cat([text_mask, visual_mask], dim=1))
 
