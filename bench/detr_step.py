@@ -14,7 +14,10 @@ Shapes: `tiny` (ResNet basic blocks [1,1,1,1], widths 32-256, d_model 128, 2+2 l
 layers, 8 heads, FFN 2048, 100 queries, batch 2 at 512x512); 10 boxes per image.
 
 Variants of ours: matcher 'hungarian' (in-graph) or 'scipy' (host callback)
-(`config.loss.det.matcher`), compute dtype float32 or bfloat16 (`config.model.dtype`).
+(`config.loss.det.matcher`), compute dtype float32 or bfloat16 (`config.model.dtype`),
+the stem as XLA's convolution and max-pool (the `base` config's) or in the forms XLA runs
+faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
+`max_pool='unrolled'`; the stem is frozen here, so only its forward pass counts).
 The project's step skips the frozen parameters' backward pass (`make_train_step(frozen=)`,
 like PyTorch's requires_grad=False); the 'frozen grads computed' variant passes no mask,
 as the step did before, to show what that saves.
@@ -82,10 +85,12 @@ class Variant:
   dtype: str = 'float32'
   matcher: str = 'hungarian'
   frozen_grads: bool = False  # True: no frozen mask, their gradients computed
+  cpu_stem: bool = False  # True: backbone stem_conv='row_fold', max_pool='unrolled'
 
   @property
   def name(self) -> str:
     extra = ', frozen grads computed' if self.frozen_grads else ''
+    extra += ', CPU stem' if self.cpu_stem else ''
     return f'ours {self.dtype}, {self.matcher}{extra}'
 
 
@@ -95,6 +100,8 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
   m = config.model
   m.backbone.update(block=shape.block, stage_sizes=shape.stage_sizes, width=shape.width,
                     norm='frozen_bn', stem='imagenet', dilation=False)
+  if variant.cpu_stem:
+    m.backbone.update(stem_conv='row_fold', max_pool='unrolled')
   m.update(dtype=variant.dtype, d_model=shape.d_model, num_heads=shape.heads,
            mlp_dim=shape.ffn, encoder_layers=shape.layers, decoder_layers=shape.layers,
            num_queries=shape.queries, num_classes=NUM_CLASSES, num_attributes=1,
@@ -217,8 +224,9 @@ HfPeers = dict[str, Callable[[Any, dict[str, np.ndarray]], Callable[[], Any]]]
 def variants_for(shape_name: str, quick: bool) -> list[Variant]:
   default, computed = Variant(), Variant(frozen_grads=True)
   if quick:
-    return [default, computed]
-  return [default, computed, Variant(matcher='scipy'), Variant(dtype='bfloat16')]
+    return [default, computed, Variant(cpu_stem=True)]
+  return [default, computed, Variant(cpu_stem=True), Variant(matcher='scipy'),
+          Variant(dtype='bfloat16')]
 
 
 def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],

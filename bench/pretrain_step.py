@@ -8,7 +8,9 @@ of a float32 2048^3 matmul measured interleaved with the step (a CPU "MFU": the 
 host does on dense matrix work; the fastest of the matmul runs). On CPU each config also
 runs with the other LLVM level for XLA's generated kernels
 (`config.train.cpu_backend_optimization_level`: `base` compiles at 1, which shortens its
-compilation without slowing the step; `tiny` keeps XLA's default).
+compilation without slowing the step; `tiny` keeps XLA's default), and with the backbone
+stem in the other form (`config.model.backbone.stem_conv` / `max_pool`: `tiny` uses the
+forms XLA runs faster on CPU, `base` XLA's own convolution and max-pool).
 
 `base` runs at a reduced canvas and batch on CPU (see SETTINGS); the model is the paper's.
 
@@ -48,10 +50,15 @@ class Setting:
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config path, value), e.g. shrinking
   # config.train.cpu_backend_optimization_level; None keeps the config's.
   backend_level: int | None = None
+  # 'xla': backbone stem_conv='conv', max_pool='reduce_window'; 'cpu': 'row_fold',
+  # 'unrolled' (e2e_vlp/models/resnet.py); '' keeps the config's.
+  stem: str = ''
 
   @property
   def name(self) -> str:
     extras = [x for x in (self.matcher, self.dtype) if x]
+    if self.stem:
+      extras.append(f'{self.stem.upper()} stem')
     if self.overrides:
       extras.append('shrunk')
     if self.backend_level is not None:
@@ -66,6 +73,8 @@ SETTINGS = {
     'tiny': Setting('tiny', 96, 32),
     'base': Setting('base', 384, 4),
 }
+STEMS = {'xla': {'stem_conv': 'conv', 'max_pool': 'reduce_window'},
+         'cpu': {'stem_conv': 'row_fold', 'max_pool': 'unrolled'}}
 TARGET_PEAK_FRACTION = 0.5  # base step GFLOP/s / matmul GFLOP/s
 TARGET_COMPILE_S = 60.0
 
@@ -80,6 +89,8 @@ def setting_config(setting: Setting) -> Any:
   config.train.batch_size = setting.batch_size
   if setting.backend_level is not None:
     config.train.cpu_backend_optimization_level = setting.backend_level
+  if setting.stem:
+    config.model.backbone.update(STEMS[setting.stem])
   for path, value in setting.overrides:
     *parents, leaf = path.split('.')
     node = config
@@ -170,6 +181,9 @@ def settings_for(quick: bool, variants: tuple[str, ...]) -> list[Setting]:
     for v in variants:
       level = pretrain.get_config(v).train.cpu_backend_optimization_level
       out.append(dataclasses.replace(SETTINGS[v], backend_level=1 if level < 0 else -1))
+      # The stem in the other form (tiny: CPU forms by default; base: XLA's).
+      stem = pretrain.get_config(v).model.backbone.stem_conv
+      out.append(dataclasses.replace(SETTINGS[v], stem='xla' if stem == 'row_fold' else 'cpu'))
   if not quick and 'base' in variants:  # the faster matcher on CPU (bench/matcher.py)
     out.append(dataclasses.replace(SETTINGS['base'], matcher='scipy'))
   return out

@@ -25,6 +25,12 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # 'imagenet': 7x7/2 conv + 3x3/2 max-pool (output stride 32);
   # 'small': one 3x3/2 conv, no pool (output stride 16, for small images).
   b.stem = 'imagenet'
+  # How the stem computes, not what (e2e_vlp/models/resnet.py): XLA's own convolution and
+  # max-pool ('conv', 'reduce_window'; for accelerators), or forms XLA runs faster on CPU
+  # ('row_fold': the conv's kernel rows folded into channels; 'unrolled': the pool as a
+  # maximum of strided slices). Same parameters and outputs; README "Speed".
+  b.stem_conv = 'conv'
+  b.max_pool = 'reduce_window'
 
   if variant == 'tiny':
     b.block = 'basic'
@@ -33,6 +39,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     b.stage_sizes = (1, 1, 1)
     b.width = 32  # channels of stage 1; doubled at each later stage (assumed)
     b.norm = 'group_norm'  # trained from scratch: frozen identity BN lets activations explode
+    b.stem_conv = 'row_fold'  # a CPU config: faster there (bench/pretrain_step.py)
+    b.max_pool = 'unrolled'
     m.d_model = 128
     m.num_heads = 4
     m.mlp_dim = 512

@@ -132,16 +132,20 @@ def _randomize_bn(model: tnn.Module):
       m.running_var.data = 0.5 + torch.rand(c, generator=gen)
 
 
+XLA_STEM = ('conv', 'reduce_window')
+CPU_STEM = ('row_fold', 'unrolled')
 CASES = [
-    # block, stage_sizes, width, stem, dilation, frozen_bn, train
-    ('basic', (2, 1, 1, 1), 8, 'small', False, True, False),
-    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False),
-    ('basic', (1, 2), 8, 'small', False, False, True),  # trainable BN, batch statistics
+    # block, stage_sizes, width, stem, dilation, frozen_bn, train, (stem_conv, max_pool)
+    ('basic', (2, 1, 1, 1), 8, 'small', False, True, False, XLA_STEM),
+    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, XLA_STEM),
+    ('basic', (1, 2), 8, 'small', False, False, True, XLA_STEM),  # trainable BN, batch stats
+    ('basic', (1, 1), 8, 'small', False, True, False, CPU_STEM),
+    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, CPU_STEM),
 ]
 
 
-@pytest.mark.parametrize('block,stages,width,stem,dilation,frozen,train', CASES)
-def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train):
+@pytest.mark.parametrize('block,stages,width,stem,dilation,frozen,train,impl', CASES)
+def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train, impl):
   torch.manual_seed(0)
   ref = TorchResNet(block, stages, width, stem, dilation)
   _randomize_bn(ref)
@@ -151,8 +155,8 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train):
     expected = ref(torch.from_numpy(image.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
 
   model = resnet.ResNet(block=block, stage_sizes=stages, width=width, stem=stem,
-                        dilation=dilation,
-                        norm='frozen_bn' if frozen else 'batch_norm')
+                        dilation=dilation, norm='frozen_bn' if frozen else 'batch_norm',
+                        stem_conv=impl[0], max_pool=impl[1])
   variables = torch_to_flax(ref.state_dict(), frozen)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), image))
   assert jax.tree.map(lambda x: x.shape, variables) == jax.tree.map(lambda x: x.shape, abstract)
@@ -163,6 +167,41 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train):
   stride = model.output_stride
   assert got.shape == (2, math.ceil(37 / stride), math.ceil(42 / stride), model.out_channels)
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_stem_gradients_match_pytorch():
+  """'row_fold' + 'unrolled' back-propagate as torch's conv and max-pool do, to the kernel
+  and to the image (odd sizes: the folded rows and the pool's padding must line up)."""
+  torch.manual_seed(0)
+  ref = TorchResNet('basic', (1,), 8, 'imagenet', False)
+  _randomize_bn(ref)
+  ref.eval()
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(2, 29, 34, 3)).astype(np.float32)
+  weights = rng.normal(size=(2, 8, 9, 8)).astype(np.float32)  # d(loss)/d(output)
+  torch_image = torch.from_numpy(image.transpose(0, 3, 1, 2)).requires_grad_()
+  out = ref(torch_image)
+  (out * torch.from_numpy(weights.transpose(0, 3, 1, 2))).sum().backward()
+
+  model = resnet.ResNet(block='basic', stage_sizes=(1,), width=8, stem='imagenet',
+                        stem_conv='row_fold', max_pool='unrolled')
+  variables = torch_to_flax(ref.state_dict(), True)
+
+  def loss(params, image):
+    return jnp.sum(model.apply({**variables, 'params': params}, image) * weights)
+
+  grad_params, grad_image = jax.grad(loss, argnums=(0, 1))(variables['params'], image)
+  np.testing.assert_allclose(np.asarray(grad_params['conv1']['kernel']),
+                             ref.conv1.weight.grad.numpy().transpose(2, 3, 1, 0),
+                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(grad_image),
+                             torch_image.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_stem_implementation_is_named():
+  model = resnet.ResNet(block='basic', stage_sizes=(1,), width=4, max_pool='avg')
+  with pytest.raises(ValueError, match='backbone.max_pool'):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
 def _backbone_count(variables) -> int:

@@ -313,6 +313,7 @@ _MODEL_FIELDS = ('vocab_size', 'd_model', 'num_heads', 'mlp_dim', 'encoder_layer
 _BACKBONE_FIELDS = ('block', 'stage_sizes', 'width', 'stem', 'dilation', 'norm')
 # How the JAX model computes, not what: the PyTorch mirror runs float32 without remat.
 _COMPUTE_ONLY = ('dtype', 'remat')
+_BACKBONE_COMPUTE_ONLY = ('stem_conv', 'max_pool')
 
 
 def check_known_fields(model_config: ml_collections.ConfigDict):
@@ -320,7 +321,8 @@ def check_known_fields(model_config: ml_collections.ConfigDict):
   would silently compute something else (extend modeling_e2e_vlp.py and _MODEL_FIELDS)."""
   m, b = model_config, model_config.backbone
   unknown = sorted(set(m.keys()) - set(_MODEL_FIELDS) - set(_COMPUTE_ONLY) - {'backbone'})
-  unknown += sorted(f'backbone.{k}' for k in set(b.keys()) - set(_BACKBONE_FIELDS))
+  unknown += sorted(f'backbone.{k}' for k in set(b.keys()) - set(_BACKBONE_FIELDS)
+                     - set(_BACKBONE_COMPUTE_ONLY))
   if unknown:
     raise ValueError(f'config.model has {unknown}, which the PyTorch mirror does not '
                      'implement; extend e2e_vlp/hf/modeling_e2e_vlp.py and '

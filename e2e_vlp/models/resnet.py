@@ -41,6 +41,8 @@ _CONV_NAMES = ('conv_kernel', None, 'conv_in', 'conv_out')
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 BN_EPS = 1e-5  # torchvision / DETR FrozenBatchNorm2d
 NORMS = ('frozen_bn', 'batch_norm', 'group_norm')
+STEM_CONVS = ('conv', 'row_fold')
+MAX_POOLS = ('reduce_window', 'unrolled')
 
 
 def resnet_stages(depth: int) -> tuple[str, tuple[int, ...]]:
@@ -67,6 +69,60 @@ def _conv(features: int, kernel: int, stride: int, dtype: jnp.dtype, name: str,
       kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
       param_dtype=layers.PARAM_DTYPE, kernel_init=layers.partitioned(_CONV_INIT, _CONV_NAMES),
       name=name)
+
+
+class RowFoldedConv(nn.Module):
+  """A strided k x k conv on few input channels, computed as a 1 x k conv on k C channels.
+
+  The k kernel rows become channels: row slices i, i + s, ... of the padded input are
+  stacked, so XLA's CPU convolution sees k C input channels instead of C (3 for an image),
+  which it runs much faster (bench: the 7x7/2 stem of `tiny`). Same sums, same parameter
+  (`kernel` [k, k, C, features], HWIO) and same symmetric padding as `_conv`.
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), features] (k odd)."""
+    k, s = self.kernel_size, self.stride
+    batch, height, width, channels = x.shape
+    kernel = self.param('kernel', layers.partitioned(_CONV_INIT, _CONV_NAMES),
+                        (k, k, channels, self.features), layers.PARAM_DTYPE)
+    pad = (k - 1) // 2
+    out_height = (height + 2 * pad - k) // s + 1
+    x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (0, 0), (0, 0)))
+    rows = jnp.concatenate(  # [B, out_height, W, k C], channel index i * C + c
+        [jax.lax.slice(x, (0, i, 0, 0), (batch, i + s * (out_height - 1) + 1, width, channels),
+                       (1, s, 1, 1)) for i in range(k)], axis=-1)
+    folded = kernel.astype(self.dtype).transpose(1, 0, 2, 3).reshape(1, k, k * channels, -1)
+    return jax.lax.conv_general_dilated(rows, folded, (1, s), ((0, 0), (pad, pad)),
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def unrolled_max_pool(x: jnp.ndarray, window: int, stride: int, pad: int) -> jnp.ndarray:
+  """`nn.max_pool` with symmetric -inf padding, as a maximum over window^2 strided slices.
+
+  Its gradient is a chain of selects, where XLA lowers max_pool's select-and-scatter on
+  CPU to a variadic reduce-window over index iotas: a third of the `tiny` stem's step time
+  (bench). At exact ties the gradient is shared, where max_pool gives it all to one input
+  (both are subgradients; after a ReLU, ties are zeros whose gradient the ReLU drops).
+  [B, H, W, C] -> [B, (H + 2 pad - window) // stride + 1, ..., C].
+  """
+  batch, height, width, channels = x.shape
+  out_h = (height + 2 * pad - window) // stride + 1
+  out_w = (width + 2 * pad - window) // stride + 1
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for i in range(window):
+    for j in range(window):
+      view = jax.lax.slice(x, (0, i, j, 0), (batch, i + stride * (out_h - 1) + 1,
+                                             j + stride * (out_w - 1) + 1, channels),
+                           (1, stride, stride, 1))
+      out = view if out is None else jnp.maximum(out, view)
+  return out
 
 
 class FrozenBatchNorm(nn.Module):
@@ -174,6 +230,10 @@ class ResNet(nn.Module):
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'small' (one 3x3/2 conv).
     dilation: dilate the last stage instead of striding it (DETR-DC5).
     norm: 'frozen_bn', 'group_norm' or 'batch_norm' (see the module docstring).
+    stem_conv: how the stem conv is computed: 'conv' (one XLA convolution) or 'row_fold'
+      (`RowFoldedConv`). The same function and parameters; only the speed differs.
+    max_pool: how the 'imagenet' stem pools: 'reduce_window' (`nn.max_pool`) or 'unrolled'
+      (`unrolled_max_pool`). The same function up to the gradient at exact ties.
   """
   block: str = 'bottleneck'
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
@@ -181,6 +241,8 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   dilation: bool = False
   norm: str = 'frozen_bn'
+  stem_conv: str = 'conv'
+  max_pool: str = 'reduce_window'
   dtype: jnp.dtype = jnp.float32
 
   @property
@@ -199,12 +261,23 @@ class ResNet(nn.Module):
       raise ValueError(f'config.model.backbone.block={self.block!r}; use one of {BLOCKS}.')
     if self.stem not in STEMS:
       raise ValueError(f'config.model.backbone.stem={self.stem!r}; use one of {STEMS}.')
+    if self.stem_conv not in STEM_CONVS:
+      raise ValueError(f'config.model.backbone.stem_conv={self.stem_conv!r}; use one of '
+                       f'{STEM_CONVS}.')
+    if self.max_pool not in MAX_POOLS:
+      raise ValueError(f'config.model.backbone.max_pool={self.max_pool!r}; use one of '
+                       f'{MAX_POOLS}.')
     block_cls = Bottleneck if self.block == 'bottleneck' else BasicBlock
     x = x.astype(self.dtype)
     stem_kernel = 7 if self.stem == 'imagenet' else 3
-    x = _conv(self.width, stem_kernel, 2, self.dtype, 'conv1')(x)
+    if self.stem_conv == 'row_fold':
+      x = RowFoldedConv(self.width, stem_kernel, 2, self.dtype, name='conv1')(x)
+    else:
+      x = _conv(self.width, stem_kernel, 2, self.dtype, 'conv1')(x)
     x = nn.relu(_norm(self.norm, train, self.dtype, 'bn1', channels=self.width)(x))
-    if self.stem == 'imagenet':
+    if self.stem == 'imagenet' and self.max_pool == 'unrolled':
+      x = unrolled_max_pool(x, 3, 2, 1)
+    elif self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     dilation = 1
     last = len(self.stage_sizes) - 1
