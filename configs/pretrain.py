@@ -132,7 +132,8 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   d.mlm_prob = 0.4 if variant == 'tiny' else 0.15
   d.itm_neg_prob = 0.5  # paper
   d.shuffle_buffer = 4096
-  d.seed = 0
+  d.seed = 0  # the evaluation pipeline's draws (ITM negatives, MLM masks); train: train.seed
+  d.corpus_seed = 0  # the embedded corpus' generator (part of its cache key)
   d.corpus_train_images = 20000  # size of the embedded corpus' train split
   d.corpus_val_images = 500
   d.corpus_image_size = 96  # side of the generated images

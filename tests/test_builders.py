@@ -10,7 +10,8 @@ import tensorflow_datasets as tfds
 
 import fixtures_formats as ff
 from configs import caption as caption_config
-from e2e_vlp.data import builders, corpus, finetune_pipelines, records
+from configs import pretrain
+from e2e_vlp.data import builders, corpus, finetune_pipelines, prepare, records
 from e2e_vlp.data.builders import visual_genome, vqa_v2
 
 tfds.disable_progress_bar()
@@ -359,3 +360,19 @@ def test_prepare_embedded_is_idempotent(tmp_path):
   assert builders.prepare_embedded(tmp_path, **kwargs) == (data_dir, vocab)
   assert (os.path.getmtime(vocab), os.path.getmtime(os.path.join(data_dir, 'embedded'))) == stamp
   assert not [p for p in os.listdir(tmp_path / 'raw') if p.startswith('.')]  # no temp left
+
+
+def test_eval_pipeline_seed_leaves_the_corpus_alone(tmp_path):
+  """`data.seed` draws the evaluation's negatives and masks; only `data.corpus_seed` names
+  another corpus (`--config.data.seed=S` once silently generated a new corpus)."""
+  config = pretrain.get_config('tiny')
+  config.cache_dir = str(tmp_path)
+  config.model.vocab_size = 128
+  config.data.corpus_train_images, config.data.corpus_val_images = 4, 2
+  first = prepare.resolve(config).data_dir
+  config.data.seed = 5
+  assert prepare.resolve(config).data_dir == first
+  assert len(os.listdir(tmp_path / 'raw')) == 1
+  config.data.corpus_seed = 1
+  assert prepare.resolve(config).data_dir != first
+  assert len(os.listdir(tmp_path / 'raw')) == 2

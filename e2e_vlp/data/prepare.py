@@ -29,7 +29,7 @@ def resolve(config: ml_collections.ConfigDict) -> DataSource:
   if d.dataset.startswith('embedded') and not d.data_dir:
     data_dir, vocab = builders.prepare_embedded(
         cache_dir(config), num_train=d.corpus_train_images, num_val=d.corpus_val_images,
-        seed=d.seed, image_size=d.corpus_image_size, vocab_size=config.model.vocab_size,
+        seed=d.corpus_seed, image_size=d.corpus_image_size, vocab_size=config.model.vocab_size,
         datasets=(d.dataset,))
   else:
     if not d.data_dir:
