@@ -39,8 +39,6 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     b.stage_sizes = (1, 1, 1)
     b.width = 32  # channels of stage 1; doubled at each later stage (assumed)
     b.norm = 'group_norm'  # trained from scratch: frozen identity BN lets activations explode
-    b.stem_conv = 'row_fold'  # a CPU config: faster there (bench/pretrain_step.py)
-    b.max_pool = 'unrolled'
     m.d_model = 128
     m.num_heads = 4
     m.mlp_dim = 512
