@@ -26,9 +26,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # 'small': one 3x3/2 conv, no pool (output stride 16, for small images).
   b.stem = 'imagenet'
   # How the stem computes, not what (e2e_vlp/models/resnet.py): XLA's own convolution and
-  # max-pool ('conv', 'reduce_window'; for accelerators), or forms XLA runs faster on CPU
-  # ('row_fold': the conv's kernel rows folded into channels; 'unrolled': the pool as a
-  # maximum of strided slices). Same parameters and outputs; README "Speed".
+  # max-pool ('conv', 'reduce_window'), or forms XLA:CPU runs faster ('row_fold': the
+  # kernel's rows folded into channels; 'unrolled': the pool as a maximum of strided
+  # slices; the DETR step ~10% faster, tiny's pre-training step not). README "Benchmarks".
   b.stem_conv = 'conv'
   b.max_pool = 'reduce_window'
 
