@@ -201,6 +201,9 @@ class Task:
     self.model = E2EVLP(config.model)
     self._encode_fn = common.jit_eval(functools.partial(_encode_gallery_batch, self.model))
     self._score_fn = common.jit_eval(functools.partial(_pair_scores, self.model))
+    # The training forward, as init and the loss both run it.
+    self._outputs = functools.partial(retrieval_outputs, mining=config.loss.hard_negatives,
+                                      contrastive=bool(config.loss.contrastive))
 
   # ------------------------------------------------------------------------- training
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -216,18 +219,13 @@ class Task:
     # Through the training forward: with joint_fusion='cross_attention' the first-stage
     # encoder (`encoder`, see image_embedding) is used by retrieval alone.
     batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(2).items()}
-    loss = self.config.loss
     return self.model.init({'params': rng, 'dropout': rng}, batch, train=False,
-                           method=retrieval_outputs, mining=loss.hard_negatives,
-                           contrastive=bool(loss.contrastive))
+                           method=self._outputs)
 
   def loss_fn(self, params, constants, batch, rng):
-    loss = self.config.loss
-    outputs = self.model.apply(
-        {'params': params, **constants}, batch, train=True, rngs={'dropout': rng},
-        method=retrieval_outputs, mining=loss.hard_negatives,
-        contrastive=bool(loss.contrastive))
-    return retrieval_loss(outputs, batch['image_group'], loss)
+    outputs = self.model.apply({'params': params, **constants}, batch, train=True,
+                               rngs={'dropout': rng}, method=self._outputs)
+    return retrieval_loss(outputs, batch['image_group'], self.config.loss)
 
   def train_iterator(self, *, seed: int):
     return finetune_pipelines.make_pair_iterator(
