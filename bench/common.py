@@ -195,6 +195,12 @@ def target_line(what: str, value: float, limit: float, *, at_most: bool, unit: s
   return f'- target {what} {sign} {limit:g}{unit}: {value:.2f}{unit}, {status}'
 
 
+# The backbone stem's two forms (config.model.backbone fields; e2e_vlp/models/resnet.py):
+# XLA's own convolution and max-pool, or the forms XLA:CPU runs faster.
+STEM_FORMS = {'xla': {'stem_conv': 'conv', 'max_pool': 'reduce_window'},
+              'cpu': {'stem_conv': 'row_fold', 'max_pool': 'unrolled'}}
+
+
 # ---- the project's train step, built the way launch/train.py builds it ---------------
 
 

@@ -85,7 +85,7 @@ class Variant:
   dtype: str = 'float32'
   matcher: str = 'hungarian'
   frozen_grads: bool = False  # True: no frozen mask, their gradients computed
-  cpu_stem: bool = False  # True: backbone stem_conv='row_fold', max_pool='unrolled'
+  cpu_stem: bool = False  # True: the backbone stem in common.STEM_FORMS['cpu']
 
   @property
   def name(self) -> str:
@@ -101,7 +101,7 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
   m.backbone.update(block=shape.block, stage_sizes=shape.stage_sizes, width=shape.width,
                     norm='frozen_bn', stem='imagenet', dilation=False)
   if variant.cpu_stem:
-    m.backbone.update(stem_conv='row_fold', max_pool='unrolled')
+    m.backbone.update(common.STEM_FORMS['cpu'])
   m.update(dtype=variant.dtype, d_model=shape.d_model, num_heads=shape.heads,
            mlp_dim=shape.ffn, encoder_layers=shape.layers, decoder_layers=shape.layers,
            num_queries=shape.queries, num_classes=NUM_CLASSES, num_attributes=1,

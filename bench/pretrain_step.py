@@ -50,8 +50,7 @@ class Setting:
   overrides: tuple[tuple[str, Any], ...] = ()  # (dotted config path, value), e.g. shrinking
   # config.train.cpu_backend_optimization_level; None keeps the config's.
   backend_level: int | None = None
-  # 'xla': backbone stem_conv='conv', max_pool='reduce_window'; 'cpu': 'row_fold',
-  # 'unrolled' (e2e_vlp/models/resnet.py); '' keeps the config's.
+  # A key of common.STEM_FORMS ('xla' | 'cpu'); '' keeps the config's.
   stem: str = ''
 
   @property
@@ -73,8 +72,6 @@ SETTINGS = {
     'tiny': Setting('tiny', 96, 32),
     'base': Setting('base', 384, 4),
 }
-STEMS = {'xla': {'stem_conv': 'conv', 'max_pool': 'reduce_window'},
-         'cpu': {'stem_conv': 'row_fold', 'max_pool': 'unrolled'}}
 TARGET_PEAK_FRACTION = 0.5  # base step GFLOP/s / matmul GFLOP/s
 TARGET_COMPILE_S = 60.0
 
@@ -90,7 +87,7 @@ def setting_config(setting: Setting) -> Any:
   if setting.backend_level is not None:
     config.train.cpu_backend_optimization_level = setting.backend_level
   if setting.stem:
-    config.model.backbone.update(STEMS[setting.stem])
+    config.model.backbone.update(common.STEM_FORMS[setting.stem])
   for path, value in setting.overrides:
     *parents, leaf = path.split('.')
     node = config
