@@ -17,7 +17,9 @@ Variants of ours: matcher 'hungarian' (in-graph) or 'scipy' (host callback)
 (`config.loss.det.matcher`), compute dtype float32 or bfloat16 (`config.model.dtype`),
 the stem as XLA's convolution and max-pool (the `base` config's) or in the forms XLA runs
 faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
-`max_pool='unrolled'`; the stem is frozen here, so only its forward pass counts).
+`max_pool='unrolled'`; the stem is frozen here, so only its forward pass counts), and the
+1x1 convs as matrix products (`pointwise_conv='dot'`, the `base` config's) or as XLA
+convolutions ('1x1 as conv', to show what 'dot' saves).
 The project's step skips the frozen parameters' backward pass (`make_train_step(frozen=)`,
 like PyTorch's requires_grad=False); the 'frozen grads computed' variant passes no mask,
 as the step did before, to show what that saves.
@@ -86,11 +88,13 @@ class Variant:
   matcher: str = 'hungarian'
   frozen_grads: bool = False  # True: no frozen mask, their gradients computed
   cpu_stem: bool = False  # True: the backbone stem in common.STEM_FORMS['cpu']
+  pointwise_conv: str = ''  # config.model.backbone.pointwise_conv; '' keeps the config's
 
   @property
   def name(self) -> str:
     extra = ', frozen grads computed' if self.frozen_grads else ''
     extra += ', CPU stem' if self.cpu_stem else ''
+    extra += f', 1x1 as {self.pointwise_conv}' if self.pointwise_conv else ''
     return f'ours {self.dtype}, {self.matcher}{extra}'
 
 
@@ -102,6 +106,8 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
                     norm='frozen_bn', stem='imagenet', dilation=False)
   if variant.cpu_stem:
     m.backbone.update(common.STEM_FORMS['cpu'])
+  if variant.pointwise_conv:
+    m.backbone.pointwise_conv = variant.pointwise_conv
   m.update(dtype=variant.dtype, d_model=shape.d_model, num_heads=shape.heads,
            mlp_dim=shape.ffn, encoder_layers=shape.layers, decoder_layers=shape.layers,
            num_queries=shape.queries, num_classes=NUM_CLASSES, num_attributes=1,
@@ -223,10 +229,10 @@ HfPeers = dict[str, Callable[[Any, dict[str, np.ndarray]], Callable[[], Any]]]
 
 def variants_for(shape_name: str, quick: bool) -> list[Variant]:
   default, computed = Variant(), Variant(frozen_grads=True)
+  forms = [Variant(cpu_stem=True), Variant(pointwise_conv='conv')]
   if quick:
-    return [default, computed, Variant(cpu_stem=True)]
-  return [default, computed, Variant(cpu_stem=True), Variant(matcher='scipy'),
-          Variant(dtype='bfloat16')]
+    return [default, computed] + forms
+  return [default, computed] + forms + [Variant(matcher='scipy'), Variant(dtype='bfloat16')]
 
 
 def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],

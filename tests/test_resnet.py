@@ -132,15 +132,16 @@ def _randomize_bn(model: tnn.Module):
       m.running_var.data = 0.5 + torch.rand(c, generator=gen)
 
 
-XLA_STEM = ('conv', 'reduce_window')
-CPU_STEM = ('row_fold', 'unrolled')
+XLA_FORMS = ('conv', 'reduce_window', 'conv')
+CPU_FORMS = ('row_fold', 'unrolled', 'dot')
 CASES = [
-    # block, stage_sizes, width, stem, dilation, frozen_bn, train, (stem_conv, max_pool)
-    ('basic', (2, 1, 1, 1), 8, 'small', False, True, False, XLA_STEM),
-    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, XLA_STEM),
-    ('basic', (1, 2), 8, 'small', False, False, True, XLA_STEM),  # trainable BN, batch stats
-    ('basic', (1, 1), 8, 'small', False, True, False, CPU_STEM),
-    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, CPU_STEM),
+    # block, stage_sizes, width, stem, dilation, frozen_bn, train,
+    # (stem_conv, max_pool, pointwise_conv)
+    ('basic', (2, 1, 1, 1), 8, 'small', False, True, False, XLA_FORMS),
+    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, XLA_FORMS),
+    ('basic', (1, 2), 8, 'small', False, False, True, XLA_FORMS),  # trainable BN, batch stats
+    ('basic', (1, 1), 8, 'small', False, True, False, CPU_FORMS),
+    ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, CPU_FORMS),
 ]
 
 
@@ -156,7 +157,7 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train, im
 
   model = resnet.ResNet(block=block, stage_sizes=stages, width=width, stem=stem,
                         dilation=dilation, norm='frozen_bn' if frozen else 'batch_norm',
-                        stem_conv=impl[0], max_pool=impl[1])
+                        stem_conv=impl[0], max_pool=impl[1], pointwise_conv=impl[2])
   variables = torch_to_flax(ref.state_dict(), frozen)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), image))
   assert jax.tree.map(lambda x: x.shape, variables) == jax.tree.map(lambda x: x.shape, abstract)
@@ -169,38 +170,45 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train, im
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_stem_gradients_match_pytorch():
-  """'row_fold' + 'unrolled' back-propagate as torch's conv and max-pool do, to the kernel
-  and to the image (odd sizes: the folded rows and the pool's padding must line up)."""
+def test_cpu_forms_gradients_match_pytorch():
+  """'row_fold' + 'unrolled' + 'dot' back-propagate as torch's convs and max-pool do, to
+  every kernel and to the image. Odd sizes: the folded rows, the pool's padding and the
+  strided 1x1 shortcut must line up; the bottleneck's 1x1 convs both widen and narrow, so
+  `_channel_product`'s gradient runs in both of its orientations."""
   torch.manual_seed(0)
-  ref = TorchResNet('basic', (1,), 8, 'imagenet', False)
+  ref = TorchResNet('bottleneck', (1, 1), 4, 'imagenet', False)
   _randomize_bn(ref)
   ref.eval()
   rng = np.random.default_rng(0)
   image = rng.normal(size=(2, 29, 34, 3)).astype(np.float32)
-  weights = rng.normal(size=(2, 8, 9, 8)).astype(np.float32)  # d(loss)/d(output)
+  weights = rng.normal(size=(2, 4, 5, 32)).astype(np.float32)  # d(loss)/d(output)
   torch_image = torch.from_numpy(image.transpose(0, 3, 1, 2)).requires_grad_()
   out = ref(torch_image)
   (out * torch.from_numpy(weights.transpose(0, 3, 1, 2))).sum().backward()
 
-  model = resnet.ResNet(block='basic', stage_sizes=(1,), width=8, stem='imagenet',
-                        stem_conv='row_fold', max_pool='unrolled')
+  model = resnet.ResNet(block='bottleneck', stage_sizes=(1, 1), width=4, stem='imagenet',
+                        stem_conv='row_fold', max_pool='unrolled', pointwise_conv='dot')
   variables = torch_to_flax(ref.state_dict(), True)
 
   def loss(params, image):
     return jnp.sum(model.apply({**variables, 'params': params}, image) * weights)
 
   grad_params, grad_image = jax.grad(loss, argnums=(0, 1))(variables['params'], image)
-  np.testing.assert_allclose(np.asarray(grad_params['conv1']['kernel']),
-                             ref.conv1.weight.grad.numpy().transpose(2, 3, 1, 0),
-                             atol=1e-4, rtol=1e-4)
+  expected = torch_to_flax({k: p.grad for k, p in ref.named_parameters()}, True)['params']
+  flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  flat_got = jax.tree_util.tree_flatten_with_path(grad_params)[0]
+  assert [path[-1].key for path, _ in flat_got] == ['kernel'] * 9  # stem + 2 blocks x 4
+  for path, got in flat_got:
+    np.testing.assert_allclose(np.asarray(got), np.asarray(flat_expected[path]), atol=1e-4,
+                               rtol=1e-4, err_msg=jax.tree_util.keystr(path))
   np.testing.assert_allclose(np.asarray(grad_image),
                              torch_image.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
 
 
-def test_unknown_stem_implementation_is_named():
-  model = resnet.ResNet(block='basic', stage_sizes=(1,), width=4, max_pool='avg')
-  with pytest.raises(ValueError, match='backbone.max_pool'):
+@pytest.mark.parametrize('field', ['stem_conv', 'max_pool', 'pointwise_conv'])
+def test_unknown_implementation_is_named(field):
+  model = resnet.ResNet(block='basic', stage_sizes=(1,), width=4, **{field: 'avg'})
+  with pytest.raises(ValueError, match=f'backbone.{field}'):
     model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
