@@ -3,7 +3,7 @@ r"""Prints a config's parameter counts per top-level module, from jax.eval_shape
   python launch/count_params.py --config configs/pretrain.py:base
 """
 
-import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
+import _bootstrap  # pylint: disable=g-bad-import-order
 
 import os
 
@@ -12,14 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from e2e_vlp.models.e2e_vlp import E2EVLP
 from e2e_vlp.tasks.pretrain import batch_shapes
 from e2e_vlp.train.state import strip_boxes
 
-config_flags.DEFINE_config_file(
-    'config', os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'), 'Model config.')
+_bootstrap.define_config_flag(os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
+                              'Model config.', lock_config=False)
 
 
 def count(tree) -> int:

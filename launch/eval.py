@@ -14,7 +14,7 @@ AP / AP50 / AP75 from them (over config.train.eval_batches batches, as its train
 evaluation does). All metrics go to `<workdir>/eval_<split>_step<N>.json`.
 """
 
-import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
+import _bootstrap  # pylint: disable=g-bad-import-order
 
 import json
 import os
@@ -29,7 +29,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from flax import traverse_util
-from ml_collections import config_flags
 
 from e2e_vlp import tasks
 from e2e_vlp.data import finetune_pipelines
@@ -40,10 +39,9 @@ from e2e_vlp.train import mesh as mesh_lib
 from e2e_vlp.train import sharding
 from e2e_vlp.train import state as state_lib
 
-config_flags.DEFINE_config_file(
-    'config', os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
-    'The config the workdir was trained with, optionally with an argument.',
-    lock_config=True)
+_bootstrap.define_config_flag(
+    os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
+    'The config the workdir was trained with, optionally with an argument.')
 flags.DEFINE_string('workdir', None, 'The training workdir (its checkpoints/ are read).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')

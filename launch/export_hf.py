@@ -13,7 +13,7 @@ else `<workdir>/vocab.txt`. The folder is written under a temporary name and ren
 when complete, so a failed export leaves nothing behind.
 """
 
-import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
+import _bootstrap  # pylint: disable=g-bad-import-order
 
 import json
 import os
@@ -22,7 +22,6 @@ import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from e2e_vlp.hf import convert
 from e2e_vlp.train import checkpoint as ckpt_lib
@@ -87,9 +86,8 @@ def main(argv):
 
 def _define_flags():
   """Flags exist only when run as a script, so tests can import `export`."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'The training config (default: <workdir>/config.json).',
-      lock_config=True)
+  _bootstrap.define_config_flag(
+      None, 'The training config (default: <workdir>/config.json).')
   flags.DEFINE_string('workdir', None, 'Training workdir (or its checkpoints/ folder).')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default the newest readable one.')
   flags.DEFINE_string('out', None, 'Output folder (must not exist, or be empty).')

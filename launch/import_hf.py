@@ -13,7 +13,7 @@ imported variables, which `--config.init_from` loads (the rest is initialised as
 plus the BERT vocab.txt. It is written under a temporary name and renamed when complete.
 """
 
-import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
+import _bootstrap  # pylint: disable=g-bad-import-order
 
 import os
 import shutil
@@ -22,7 +22,6 @@ import ml_collections
 from absl import app
 from absl import flags
 from flax import traverse_util
-from ml_collections import config_flags
 
 from e2e_vlp.hf import convert
 from e2e_vlp.train import checkpoint as ckpt_lib
@@ -104,10 +103,9 @@ def main(argv):
 
 def _define_flags():
   """Flags exist only when run as a script, so tests can import `import_weights`."""
-  config_flags.DEFINE_config_file(
-      'config', os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
-      'The config of the model to initialise (its config.model must fit the weights).',
-      lock_config=True)
+  _bootstrap.define_config_flag(
+      os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
+      'The config of the model to initialise (its config.model must fit the weights).')
   flags.DEFINE_string('bert', None, 'Hugging Face BERT folder.')
   flags.DEFINE_string('resnet', None, 'Hugging Face ResNet folder or torchvision .pth file.')
   flags.DEFINE_string('out', None, 'Output workdir (must not exist, or be empty).')

@@ -8,7 +8,7 @@ r"""Trains E2E-VLP. With no arguments: pre-trains `tiny` on the embedded corpus.
 Re-running with the same workdir resumes from its newest checkpoint.
 """
 
-import _bootstrap  # pylint: disable=unused-import,g-bad-import-order
+import _bootstrap  # pylint: disable=g-bad-import-order
 
 import logging as logging_lib
 import os
@@ -16,15 +16,13 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from e2e_vlp.train import distributed
 from e2e_vlp.train import loop
 
-config_flags.DEFINE_config_file(
-    'config', os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
-    'A config file, optionally with an argument: configs/pretrain.py:base.',
-    lock_config=True)
+_bootstrap.define_config_flag(
+    os.path.join(_bootstrap.ROOT, 'configs', 'pretrain.py'),
+    'A config file, optionally with an argument: configs/pretrain.py:base.')
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs; default '
                     'workdirs/<task>_<variant>.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
