@@ -131,6 +131,9 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
   d.crop_min_size = 46 if variant == 'tiny' else 384  # DETR
   d.crop_max_size = 72 if variant == 'tiny' else 600  # DETR
   d.prefetch = 2  # batches prepared ahead (each is part of the saved iterator state)
+  # tf.data autotuning: off, each parallel map runs one call per core; on, its model thread
+  # delayed a run's exit by up to a minute after the final checkpoint (pipeline.build).
+  d.tf_data_autotune = False
   # BERT: 0.15. tiny masks 0.4 (Wettig et al., 2023, "Should You Mask 15% in MLM?"): the
   # joint pass learns to read the image from masked colour and shape words, and at 0.15 a
   # batch holds too few of them for it to ground within 2,000 steps (README).
@@ -211,6 +214,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t.checkpoint_every = 500 if variant == 'tiny' else 5000
   t.keep_checkpoints = 3
   t.max_consecutive_nonfinite = 5
+  # Dispatched steps the host may run ahead of the device (e2e_vlp/train/loop.py
+  # StepsInFlight): 2 keeps the device fed and bounds how long a preemption signal waits.
+  t.max_steps_in_flight = 2
   t.peak_flops = 0.0  # per device; 0 -> not reported (set for MFU, e.g. 1.97e14 for v4)
   t.num_visualize = 4  # eval images drawn with boxes and captions into the workdir
   # LLVM optimisation level of XLA's generated CPU kernels for the train step, on the CPU

@@ -92,3 +92,23 @@ def test_unknown_config_field_on_the_command_line_fails_before_compiling(tmp_pat
   assert 'Traceback' not in result.stderr
   assert 'compiled' not in result.stdout + result.stderr
   assert not workdir.exists()
+
+
+class _Step:
+  """A dispatched step's output that records when the loop waits for it."""
+
+  def __init__(self, waited: list[int], index: int):
+    self.waited, self.index = waited, index
+
+  def block_until_ready(self):
+    self.waited.append(self.index)
+    return self
+
+
+def test_steps_in_flight_waits_for_the_oldest_beyond_the_limit():
+  waited = []
+  in_flight = loop.StepsInFlight(2)
+  for i in range(6):
+    in_flight.push({'loss': _Step(waited, i)})
+    # Steps 0 .. i - 2 are finished: at most two (i - 1 and i) remain queued.
+    assert waited == list(range(max(0, i - 1))), i

@@ -54,7 +54,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
            f'config.data.max_caption_len={d.max_caption_len} exceeds '
            f'config.model.max_caption_len={m.max_caption_len}.')
   _require(t.total_steps > 0, f'config.train.total_steps={t.total_steps} must be positive.')
-  for field in ('log_every', 'eval_every', 'checkpoint_every'):
+  for field in ('log_every', 'eval_every', 'checkpoint_every', 'max_steps_in_flight'):
     _require(t[field] > 0, f'config.train.{field}={t[field]} must be positive.')
   _require(m.backbone.norm != 'batch_norm',
            "config.model.backbone.norm='batch_norm' keeps running statistics the train step "

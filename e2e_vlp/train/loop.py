@@ -5,6 +5,7 @@ evaluation; this file supplies the mesh, sharding, optimizer, checkpoints, metri
 resumption and the safety checks.
 """
 
+import collections
 import json
 import os
 import shutil
@@ -32,6 +33,27 @@ from e2e_vlp.train import state as state_lib
 
 class NonFiniteLossError(RuntimeError):
   """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+class StepsInFlight:
+  """Keeps at most `limit` dispatched steps unfinished by waiting for the oldest.
+
+  JAX dispatches asynchronously, and the loop otherwise waits for the device only when it
+  logs: between logs the host ran ~30 steps ahead in the default run, each holding its
+  batch, and a preemption signal then waited for all of them before the checkpoint (a
+  SIGTERM took 13 s to a saved checkpoint, ~10 s of it those steps). With a small limit
+  the device still always has the next step queued.
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self._queue: collections.deque[Any] = collections.deque()
+
+  def push(self, outputs: Any) -> None:
+    """Records one dispatched step by its outputs; blocks while more than `limit` remain."""
+    self._queue.append(outputs)
+    while len(self._queue) > self.limit:
+      jax.block_until_ready(self._queue.popleft())
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> str:
@@ -155,6 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   step = start_step
   interval_start, interval_step = time.time(), step
   stop = min(total_steps, stop_after) if stop_after is not None else total_steps
+  in_flight = StepsInFlight(config.train.max_steps_in_flight)
   with preemption.PreemptionWatcher() as watcher:
     try:
       while step < stop:
@@ -164,6 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
         skipped_records = local.pop('skipped_records', None)
         batch = mesh_lib.global_batch({k: local[k] for k in batch_spec}, mesh)
         state, step_metrics = compiled(state, batch)
+        in_flight.push(step_metrics)
         history.append(step_metrics)
         step += 1
 
