@@ -293,8 +293,8 @@ _TINY_RUN = [
     'data.corpus_train_images=64', 'data.corpus_val_images=16', 'data.shuffle_buffer=64']
 # Compiles dominate the runs. XLA's cheapest code generation (the older fusion emitters
 # compile the train step in 6 s of CPU instead of 15 s at optimization level 0, 27 s by
-# default), and a compilation cache shared by the four runs: init and eval programs are the
-# same in all, the train step differs by the learning rate only, so two of four compile.
+# default), and a compilation cache shared by the two runs: they differ by the seed only,
+# an input of the compiled programs, so one run compiles and the other reads the cache.
 _FAST_COMPILE_FLAGS = ('--xla_force_host_platform_device_count=1 '
                        '--xla_backend_optimization_level=0 '
                        '--xla_llvm_disable_expensive_passes=true '
@@ -308,13 +308,12 @@ def test_real_tiny_sweep_end_to_end(tmp_path, monkeypatch, micro_cache):
   sweep_file = _write(tmp_path / 'lr_seed.py', """
       from e2e_vlp.sweep import axis, product
       def get_sweep():
-        return product(axis('optim.lr', [1e-3, 3e-3]), axis('train.seed', [0, 1]))
+        return product(axis('optim.lr', [3e-3]), axis('train.seed', [0, 1]))
       """)
   workdir = tmp_path / 'sweep'
   sweep.execute(CONFIG, sweep_file, str(workdir), mode='local',
                 base_overrides=_TINY_RUN + [f'cache_dir={micro_cache}'])
-  names = ['000_lr=0.001_seed=0', '001_lr=0.001_seed=1', '002_lr=0.003_seed=0',
-           '003_lr=0.003_seed=1']
+  names = ['000_lr=0.003_seed=0', '001_lr=0.003_seed=1']
   with open(workdir / 'summary.csv') as f:
     rows = list(csv.DictReader(f))
   assert [r['run'] for r in rows] == names
