@@ -357,5 +357,6 @@ class ResNet(nn.Module):
         x = block_cls(
             self.width * 2 ** i, stride=stride if j == 0 else 1,
             dilation=first_dilation if j == 0 else dilation, norm=self.norm,
-            pointwise_conv=self.pointwise_conv, dtype=self.dtype, name=f'layer{i + 1}_{j}')(x, train=train)
+            pointwise_conv=self.pointwise_conv, dtype=self.dtype,
+            name=f'layer{i + 1}_{j}')(x, train=train)
     return x
