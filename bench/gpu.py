@@ -11,8 +11,9 @@ TensorFlow nor ml_collections. So this script imports no e2e_vlp.data and no tas
 (TensorFlow): `batch_shapes` and `pretrain_losses` come from the TF-free
 e2e_vlp.tasks.pretrain_objective, and bench.common stands in for ml_collections.
 
-Usage: bash bench/gpu.sh (on the GPU machine, e.g. the device tool's `run` with
-       timeout_s=540; about 5-7 minutes, mostly compilation), or
+Usage: bash bench/gpu.sh [--sections detr,pretrain] (on the GPU machine; mostly
+       compilation: on an H200 the DETR section took 7 minutes with two variants per
+       shape, now one, and the tiny pre-training step ~2; see bench/GPU_RESULTS.md), or
        python bench/gpu.py --smoke (tiny sizes, any backend: a functional check;
        tests/test_bench.py runs it with TensorFlow and ml_collections made unimportable).
 """
@@ -22,6 +23,7 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # JAX and PyTorch share the GPU: JAX must not grab 75% of its memory up front.
@@ -52,9 +54,11 @@ BF16 = 'bfloat16'
 FULL = Plan(
     detr_shapes={k: detr_step.SHAPES[k] for k in ('tiny', 'r50')},
     # The in-graph matcher only: a host callback stalls the GPU (the scipy rows on CPU
-    # show its cost without the stall). Two compiles per shape keep the run in minutes.
-    detr_variants=[detr_step.Variant(dtype=BF16),
-                   detr_step.Variant(dtype=BF16, frozen_grads=True)],
+    # show its cost without the stall). One variant per shape: on the H200 the 1x1 convs
+    # as matrix products (`base`'s choice, made for XLA:CPU) and as cuDNN convolutions
+    # were within 15% of each other (bench/GPU_RESULTS.md), and each variant costs a
+    # minute or more of compilation.
+    detr_variants=[detr_step.Variant(dtype=BF16)],
     # base at DETR's 800 canvas, 8 images per GPU (DETR: 4 per V100).
     pretrain_settings=[pretrain_step.Setting('tiny', 96, 32, dtype=BF16),
                        pretrain_step.Setting('base', 800, 8, dtype=BF16)],
@@ -93,27 +97,52 @@ def hf_peers(device: str) -> detr_step.HfPeers:
   }
 
 
-def run(plan: Plan) -> str:
+def precision_line(device: str) -> str:
+  """Which float32 matrix arithmetic each framework uses (TF32 changes the peers' work)."""
+  import torch  # noqa: PLC0415
+  jax_precision = (getattr(jax.config, 'jax_default_matmul_precision', None)
+                   or 'default (TF32 allowed on GPU)')
+  if device != 'cuda':
+    return f'- float32 matmul precision: JAX {jax_precision}; PyTorch on CPU'
+  return (f'- float32 matmul precision: JAX {jax_precision}; PyTorch matmul TF32 '
+          f'{torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 {torch.backends.cudnn.allow_tf32}')
+
+
+SECTIONS = ('detr', 'pretrain')
+
+
+def run(plan: Plan, emit: Callable[[str], None], sections: tuple[str, ...] = SECTIONS
+        ) -> None:
+  """Measures the `sections` of `plan`, handing each finished table to `emit` (a long run
+  that is cut off keeps what it measured)."""
+  unknown = set(sections) - set(SECTIONS)
+  if unknown:
+    raise ValueError(f'Unknown sections {sorted(unknown)}; choose from {SECTIONS}.')
   import torch  # noqa: PLC0415
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   start = time.perf_counter()
-  rows, verdicts = detr_step.compare(
-      plan.detr_shapes, {k: plan.detr_variants for k in plan.detr_shapes}, hf_peers(device),
-      {k: plan.repeats for k in plan.detr_shapes})
-  detr_s = time.perf_counter() - start
-  table2 = pretrain_step.run(
-      repeats=plan.repeats, pieces=(batch_shapes, pretrain_losses), matmul_n=plan.matmul_n,
-      matmul_dtype=jnp.bfloat16, settings=plan.pretrain_settings,
-      title=f'Pre-training step (bf16) vs the bf16 {plan.matmul_n}^3 matmul peak')
   gpu_name = torch.cuda.get_device_name() if device == 'cuda' else 'none (CPU run)'
-  return '\n'.join(
-      ['# GPU benchmark', ''] + common.machine_lines() +
-      [f'- GPU: {gpu_name}; PyTorch {torch.__version__} on {device}', '',
-       '## DETR training step: ours (bf16) vs Hugging Face DETR, same device', '',
-       common.markdown_table(detr_step.HEADERS, rows), '',
-       'Ratios against the fastest HF row; medians after one warm-up step.', ''] + verdicts +
-      ['', f'(table 1 took {detr_s:.0f} s)', '', table2,
-       f'\nTotal {time.perf_counter() - start:.0f} s.'])
+  emit('\n'.join(['# GPU benchmark', ''] + common.machine_lines() +
+                  [f'- GPU: {gpu_name}; PyTorch {torch.__version__} on {device}',
+                   precision_line(device)]))
+  for shape_name, shape in (plan.detr_shapes.items() if 'detr' in sections else ()):
+    shape_start = time.perf_counter()
+    rows, verdicts = detr_step.compare(
+        {shape_name: shape}, {shape_name: plan.detr_variants}, hf_peers(device),
+        {shape_name: plan.repeats})
+    emit('\n'.join(
+        [f'## DETR training step at {shape_name}: ours (bf16) vs Hugging Face DETR, same '
+         'device', '', common.markdown_table(detr_step.HEADERS, rows), '',
+         f'Shape: {shape}. Ratios against the fastest HF row; medians of {plan.repeats} '
+         'interleaved steps after one warm-up step.', ''] + verdicts +
+        [f'({shape_name}: {time.perf_counter() - shape_start:.0f} s)']))
+  for setting in (plan.pretrain_settings if 'pretrain' in sections else ()):
+    emit(pretrain_step.run(
+        repeats=plan.repeats, pieces=(batch_shapes, pretrain_losses), matmul_n=plan.matmul_n,
+        matmul_dtype=jnp.bfloat16, settings=[setting],
+        title=f'Pre-training step at {setting.variant} (bf16) vs the bf16 {plan.matmul_n}^3 '
+              'matmul peak'))
+  emit(f'Total {time.perf_counter() - start:.0f} s.')
 
 
 def main() -> None:
@@ -121,15 +150,22 @@ def main() -> None:
   parser.add_argument('--smoke', action='store_true',
                       help='tiny sizes on any backend: checks that everything runs')
   parser.add_argument('--out', default='', help='also write the Markdown here')
+  parser.add_argument('--sections', default=','.join(SECTIONS),
+                      help=f'comma-separated, from {",".join(SECTIONS)}')
   args = parser.parse_args()
   if not args.smoke and jax.default_backend() != 'gpu':
     raise SystemExit(f'No GPU: JAX backend is {jax.default_backend()!r}. Run on the GPU '
                      'machine, or pass --smoke for a functional check at tiny sizes.')
-  text = run(SMOKE if args.smoke else FULL)
-  print(text)
   if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
+    open(args.out, 'w').close()
+
+  def emit(section: str) -> None:
+    print(section + '\n', flush=True)
+    if args.out:
+      with open(args.out, 'a') as f:
+        f.write(section + '\n\n')
+
+  run(SMOKE if args.smoke else FULL, emit, tuple(args.sections.split(',')))
 
 
 if __name__ == '__main__':

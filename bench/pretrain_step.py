@@ -76,6 +76,11 @@ TARGET_PEAK_FRACTION = 0.5  # base step GFLOP/s / matmul GFLOP/s
 TARGET_COMPILE_S = 60.0
 
 
+def fraction(value: float) -> str:
+  """Two decimals, or two significant digits below 0.01 (a small model on a GPU)."""
+  return f'{value:.2f}' if value >= 0.01 else f'{value:.2g}'
+
+
 def setting_config(setting: Setting) -> Any:
   config = pretrain.get_config(setting.variant)
   config.data.image_size = setting.image_size
@@ -213,7 +218,7 @@ def run(quick: bool = False, repeats: int | None = None,
                  f'{ms["step"]:.0f}',
                  f'{setting.batch_size / ms["step"] * 1e3:.3g}',
                  f'{runner.step.flops / 1e9:.3g}', f'{achieved:.3g}', f'{peak:.4g}',
-                 f'{achieved / peak:.2f}'))
+                 fraction(achieved / peak)))
     if setting.variant == 'base':
       verdicts.append(common.target_line(f'{setting.name} step GFLOP/s / matmul peak',
                                          achieved / peak, TARGET_PEAK_FRACTION,
