@@ -1,13 +1,13 @@
 """The best caption-token accuracy any model can reach on the embedded corpus.
 
-The embedded corpus' captions are random given the image: the template, which objects are
-named and in what order, whether a size is said, a final period. So even a model that
-sees the scene perfectly cannot predict every teacher-forced token. The best it can do
-at each position is the most likely next token given the scene and the caption so far;
-this script estimates that Bayes-optimal accuracy by sampling many captions per scene
-from the corpus' own caption generator (`corpus.sample_caption`), tokenized into words as
-the learned BPE vocabulary does (every caption word is one piece; tests/test_tokenizer.py
-checks it), with [EOS] counted like the training and evaluation metrics count it.
+Each image's captions come in several templates (`corpus._caption`); the template is the
+only free choice, so even a model that sees the scene perfectly cannot predict the
+tokens that reveal it. The best it can do at each position is the most likely next token
+given the scene and the caption so far; this script estimates that Bayes-optimal
+accuracy by sampling many captions per scene from the corpus' own caption generator
+(`corpus.sample_caption`), tokenized into words as the learned BPE vocabulary does (every
+caption word is one piece; tests/test_tokenizer.py checks it), with [EOS] counted like
+the training and evaluation metrics count it.
 
 Two estimates bracket the truth: `in-sample` picks and scores the most likely token on the
 same samples (optimistic), `held-out` picks it on one half and scores the other half

@@ -183,3 +183,28 @@ def test_karpathy_retrieval_splits(root):
   assert all(len(im['sentences']) == 5 and len(im['sentids']) == 5 for im in data['images'])
   first = data['images'][0]
   assert os.path.exists(os.path.join(root, first['filepath'], first['filename']))
+
+
+def test_captions_differ_only_by_template_and_name_large_objects_first():
+  """The template is a caption's only free choice (it alone bounds teacher-forced token
+  accuracy, bench/caption_ceiling.py), and objects are named large ones first."""
+  rng = np.random.default_rng(0)
+  pattern = re.compile(r'\b(small|large) (' + '|'.join(corpus.COLOURS) + r') (' +
+                       '|'.join(corpus.SHAPES) + ')')
+  checked = 0
+  for _ in range(200):
+    scene = corpus.make_scene(rng, 96)[0]
+    draws = {corpus.sample_caption(scene, rng).lower() for _ in range(60)}
+    pairs = corpus._clear_pairs(scene.objects)  # pylint: disable=protected-access
+    templates = 6 if len(scene.objects) == 1 or pairs else 3
+    assert len(draws) <= templates, draws
+    own = set(c.lower() for c in corpus.captions_for(scene, rng))
+    assert len(own) == min(templates, 5) and own <= draws
+    for caption in draws:
+      named = pattern.findall(caption)
+      assert named  # every object is named with its size, colour and shape
+      if ' and ' in caption and ':' not in caption:  # the two-object templates
+        first, second = named[:2]
+        assert (first[0], second[0]) != ('small', 'large'), caption
+        checked += 1
+  assert checked > 100

@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# The generator's version, part of the cache key (e2e_vlp/data/builders): bump it whenever
+# the same seed would give other files. 2: one caption per template (`_caption`).
+VERSION = 2
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross', 'star')
 PLURALS = ('circles', 'squares', 'triangles', 'diamonds', 'crosses', 'stars')
 COLOURS = ('red', 'green', 'blue', 'yellow', 'purple', 'orange')
@@ -187,17 +190,18 @@ def _article(phrase: str) -> str:
   return ('an ' if phrase[0] in 'aeiou' else 'a ') + phrase
 
 
-def _describe(o: Obj, rng: np.random.Generator) -> str:
-  words = [COLOURS[o.colour], SHAPES[o.shape]]
-  if rng.random() < 0.5:
-    words.insert(0, SIZES[o.size])
-  return ' '.join(words)
+def _describe(o: Obj) -> str:
+  return f'{SIZES[o.size]} {COLOURS[o.colour]} {SHAPES[o.shape]}'
 
 
-def _relation_phrase(rel: str, rng: np.random.Generator) -> str:
-  if rel in ('left of', 'right of') and rng.random() < 0.5:
-    return 'to the ' + rel
-  return rel
+def _mention_order(o: Obj) -> tuple[int, int, int]:
+  """Large objects before small ones, then in the order of SHAPES and COLOURS.
+
+  A fixed convention, so that a scene has one caption per template: teacher-forced token
+  accuracy then measures how well a model sees, not how well it guesses a describer's
+  whims. A horizontal flip (augmentation) keeps the order; a position-based one would not.
+  """
+  return -o.size, o.shape, o.colour
 
 
 def _clear_pairs(objects: tuple[Obj, ...]) -> list[tuple[Obj, Obj, str]]:
@@ -205,58 +209,58 @@ def _clear_pairs(objects: tuple[Obj, ...]) -> list[tuple[Obj, Obj, str]]:
           if a is not b and (rel := relation(a, b)) is not None]
 
 
-def _caption(scene: Scene, pairs: list[tuple[Obj, Obj, str]], rng: np.random.Generator) -> str:
-  objs = scene.objects
+def _caption(scene: Scene, template: int) -> str:
+  """The caption of `scene` in `template` (0 <= template < _num_templates(scene)).
+
+  The template is the only free choice: the words for each object, which objects are
+  named and in what order follow from the scene (`_mention_order`). Sentences end with a
+  period, phrases do not.
+  """
+  objs = tuple(sorted(scene.objects, key=_mention_order))
   bg = f'{_article(BACKGROUNDS[scene.background])} background'
   if len(objs) == 1:
-    d = _describe(objs[0], rng)
-    options = (f'{_article(d)} on {bg}', _article(d), f'there is one {d}',
-               f'a picture of {_article(d)}', f'one {d} on {bg}', f'a single {d}')
-    return options[rng.integers(len(options))]
-  kind = int(rng.integers(6 if pairs else 3))
-  if kind == 0:
-    listed = [_article(_describe(objs[i], rng)) for i in rng.permutation(len(objs))]
+    d = _describe(objs[0])
+    return (f'{_article(d)} on {bg}', _article(d), f'there is one {d}.',
+            f'a picture of {_article(d)}', f'one {d} on {bg}', f'a single {d}')[template]
+  if template == 0:
+    listed = [_article(_describe(o)) for o in objs]
     return f'{NUMBER_WORDS[len(objs)]} objects: ' + ', '.join(listed[:-1]) + ' and ' + listed[-1]
-  if kind in (1, 2):
-    i, j = rng.choice(len(objs), 2, replace=False)
-    a, b = _article(_describe(objs[i], rng)), _article(_describe(objs[j], rng))
-    if kind == 1:
+  if template in (1, 2):
+    a, b = _article(_describe(objs[0])), _article(_describe(objs[1]))
+    if template == 1:
       return f'{a} and {b} on {bg}'
     return f'{NUMBER_WORDS[len(objs)]} shapes including {a} and {b}'
-  a, b, rel = pairs[rng.integers(len(pairs))]
-  da, db = _article(_describe(a, rng)), _article(_describe(b, rng))
-  rel = _relation_phrase(rel, rng)
-  if kind == 3:
+  a, b, rel = _clear_pairs(objs)[0]
+  da, db = _article(_describe(a)), _article(_describe(b))
+  if template == 3:
     return f'{da} {rel} {db}'
-  if kind == 4:
-    return f'there is {da} {rel} {db}'
-  return f'the {da[da.index(" ") + 1:]} is {rel} the {db[db.index(" ") + 1:]}'
+  if template == 4:
+    return f'there is {da} {"to the " + rel if "of" in rel else rel} {db}.'
+  return f'the {_describe(a)} is {rel} the {_describe(b)}.'
+
+
+def _num_templates(scene: Scene) -> int:
+  """Six, or three for several objects of which no two are in a clear relation."""
+  return 6 if len(scene.objects) == 1 or _clear_pairs(scene.objects) else 3
 
 
 def _style(text: str, rng: np.random.Generator) -> str:
-  """Real captions vary in case and final punctuation; so do these."""
+  """Real captions vary in case; so do these (the tokenizer lower-cases)."""
   if rng.random() < 0.5:
     text = text[0].upper() + text[1:]
-  if rng.random() < 0.4:
-    text += '.'
   return text
 
 
 def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
-  """One draw from the caption distribution of `scene` (what `captions_for` draws from)."""
-  return _style(_caption(scene, _clear_pairs(scene.objects), rng), rng)
+  """One draw from the caption distribution of `scene`: a template, uniformly."""
+  return _style(_caption(scene, int(rng.integers(_num_templates(scene)))), rng)
 
 
 def captions_for(scene: Scene, rng: np.random.Generator) -> list[str]:
-  """Up to five distinct captions (duplicates only when the scene allows no more)."""
-  out: list[str] = []
-  pairs = _clear_pairs(scene.objects)
-  for _ in range(50):
-    c = _caption(scene, pairs, rng)
-    if c not in out:
-      out.append(c)
-    if len(out) == _CAPTIONS_PER_IMAGE:
-      break
+  """Five captions in distinct templates (repeats only when the scene has fewer than five)."""
+  num = _num_templates(scene)
+  templates = rng.permutation(num)[:_CAPTIONS_PER_IMAGE]
+  out = [_caption(scene, int(t)) for t in templates]
   distinct = list(out)
   while len(out) < _CAPTIONS_PER_IMAGE:
     out.append(distinct[len(out) % len(distinct)])

@@ -55,7 +55,7 @@ def build(name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
 
 
 def _corpus_key(num_train: int, num_val: int, seed: int, image_size: int) -> str:
-  return f'embedded_{num_train}_{num_val}_seed{seed}_px{image_size}'
+  return f'embedded_v{corpus.VERSION}_{num_train}_{num_val}_seed{seed}_px{image_size}'
 
 
 def _generate_corpus_once(raw_dir: str, **kwargs: Any) -> None:
@@ -87,7 +87,7 @@ def prepare_embedded(cache_dir: str | os.PathLike, *, num_train: int, num_val: i
   """Generates (once) the embedded corpus, builds its datasets and learns its vocabulary.
 
   Idempotent: each step reuses what an earlier call left in `cache_dir`, and each
-  writes atomically. Layout, with key = embedded_<train>_<val>_seed<seed>_px<size>:
+  writes atomically. Layout, with key = embedded_v<version>_<train>_<val>_seed<seed>_px<size>:
   raw/<key>/ (the corpus), tfds/<key>/ (TFDS data_dir), tokenizer/<key>_vocab<N>_bpe/.
 
   Returns:
