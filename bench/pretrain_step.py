@@ -236,8 +236,9 @@ def run(quick: bool = False, repeats: int | None = None,
        'fraction of peak'), rows), '',
       'GFLOP/step: XLA cost analysis of the compiled step (forward, backward, optimizer; '
       'a while loop counts once). The matmul runs interleaved with the step, so both see '
-      'the same load; the peak is its fastest run, the step its median. Compile CPU time counts this process only (XLA compiles mostly on '
-      'one thread), so a busy host inflates it far less than the wall time.', ''] + verdicts
+      'the same load; the peak is its fastest run, the step its median. Compile CPU time '
+      'counts this process only (XLA compiles mostly on one thread), so a busy host '
+      'inflates it far less than the wall time.', ''] + verdicts
   if any(float(row[-1]) > 1 for row in rows):
     lines += ['', 'A fraction above 1 is an artefact of host load: the matmul\'s threads wait '
               'for each other whenever one is descheduled, so load slows it more than the '

@@ -1,4 +1,5 @@
-"""Whole training runs: exact resume, checkpoint fallback, init_from, refused configs, NaNs, bad data.
+"""Whole training runs: exact resume, checkpoint fallback, init_from, refused configs, NaNs,
+bad data.
 
 Every run trains the micro config (tests/micro.py) for the same 4 steps, so the compiled
 step is shared. The loop jits a fresh step function per run, which jax's in-memory cache
