@@ -13,7 +13,7 @@ e2e_vlp.tasks.pretrain_objective, and bench.common stands in for ml_collections.
 
 Usage: bash bench/gpu.sh [--sections detr,pretrain] (on the GPU machine; mostly
        compilation: on an H200 the DETR section took 7 minutes with two variants per
-       shape, now one, and the tiny pre-training step ~2; see bench/GPU_RESULTS.md), or
+       shape, now one, and the tiny pre-training row under 4; see bench/GPU_RESULTS.md), or
        python bench/gpu.py --smoke (tiny sizes, any backend: a functional check;
        tests/test_bench.py runs it with TensorFlow and ml_collections made unimportable).
 """
