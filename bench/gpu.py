@@ -111,20 +111,26 @@ def precision_line(device: str) -> str:
 SECTIONS = ('detr', 'pretrain')
 
 
-def run(plan: Plan, emit: Callable[[str], None], sections: tuple[str, ...] = SECTIONS
-        ) -> None:
-  """Measures the `sections` of `plan`, handing each finished table to `emit` (a long run
-  that is cut off keeps what it measured)."""
+def run(plan: Plan, emit: Callable[[str], None], sections: tuple[str, ...] = SECTIONS,
+        pretrain_variants: tuple[str, ...] = ()) -> None:
+  """Measures the `sections` of `plan` (pre-training rows only of `pretrain_variants`, all
+  when empty), handing each finished table to `emit` (a long run that is cut off keeps
+  what it measured)."""
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     raise ValueError(f'Unknown sections {sorted(unknown)}; choose from {SECTIONS}.')
+  planned = [s.variant for s in plan.pretrain_settings]
+  if set(pretrain_variants) - set(planned):
+    raise ValueError(f'Unknown pre-training rows {sorted(set(pretrain_variants) - set(planned))}'
+                     f'; choose from {planned}.')
   import torch  # noqa: PLC0415
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   start = time.perf_counter()
   gpu_name = torch.cuda.get_device_name() if device == 'cuda' else 'none (CPU run)'
   emit('\n'.join(['# GPU benchmark', ''] + common.machine_lines() +
                   [f'- GPU: {gpu_name}; PyTorch {torch.__version__} on {device}',
-                   precision_line(device)]))
+                   precision_line(device),
+                   f'- XLA_FLAGS: {os.environ.get("XLA_FLAGS") or "(none: XLA defaults)"}']))
   for shape_name, shape in (plan.detr_shapes.items() if 'detr' in sections else ()):
     shape_start = time.perf_counter()
     rows, verdicts = detr_step.compare(
@@ -137,6 +143,8 @@ def run(plan: Plan, emit: Callable[[str], None], sections: tuple[str, ...] = SEC
          'interleaved steps after one warm-up step.', ''] + verdicts +
         [f'({shape_name}: {time.perf_counter() - shape_start:.0f} s)']))
   for setting in (plan.pretrain_settings if 'pretrain' in sections else ()):
+    if pretrain_variants and setting.variant not in pretrain_variants:
+      continue
     emit(pretrain_step.run(
         repeats=plan.repeats, pieces=(batch_shapes, pretrain_losses), matmul_n=plan.matmul_n,
         matmul_dtype=jnp.bfloat16, settings=[setting],
@@ -152,6 +160,8 @@ def main() -> None:
   parser.add_argument('--out', default='', help='also write the Markdown here')
   parser.add_argument('--sections', default=','.join(SECTIONS),
                       help=f'comma-separated, from {",".join(SECTIONS)}')
+  parser.add_argument('--pretrain', default='',
+                      help='comma-separated pre-training rows (tiny,base); default all')
   args = parser.parse_args()
   if not args.smoke and jax.default_backend() != 'gpu':
     raise SystemExit(f'No GPU: JAX backend is {jax.default_backend()!r}. Run on the GPU '
@@ -165,7 +175,8 @@ def main() -> None:
       with open(args.out, 'a') as f:
         f.write(section + '\n\n')
 
-  run(SMOKE if args.smoke else FULL, emit, tuple(args.sections.split(',')))
+  run(SMOKE if args.smoke else FULL, emit, tuple(args.sections.split(',')),
+      tuple(v for v in args.pretrain.split(',') if v))
 
 
 if __name__ == '__main__':
