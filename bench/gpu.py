@@ -11,9 +11,10 @@ TensorFlow nor ml_collections. So this script imports no e2e_vlp.data and no tas
 (TensorFlow): `batch_shapes` and `pretrain_losses` come from the TF-free
 e2e_vlp.tasks.pretrain_objective, and bench.common stands in for ml_collections.
 
-Usage: bash bench/gpu.sh [--sections detr,pretrain] (on the GPU machine; mostly
-       compilation: on an H200 the DETR section took 7 minutes with two variants per
-       shape, now one, and the tiny pre-training row under 4; see bench/GPU_RESULTS.md), or
+Usage: bash bench/gpu.sh [--sections detr,pretrain] [--pretrain tiny,base] (on the GPU
+       machine; mostly compilation: on an H200 the DETR section took 7 minutes with two
+       variants per shape, now one, the tiny pre-training row under 4, and the base row
+       alone had printed nothing after 290 s; see bench/GPU_RESULTS.md), or
        python bench/gpu.py --smoke (tiny sizes, any backend: a functional check;
        tests/test_bench.py runs it with TensorFlow and ml_collections made unimportable).
 """

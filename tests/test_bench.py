@@ -186,3 +186,12 @@ def test_caption_ceiling_is_the_bayes_accuracy_of_a_known_distribution():
   assert caption_ceiling.best_guess_hits(caps[3:], caps[:3]) == (3, 9)
   # A prefix never seen while fitting is a miss.
   assert caption_ceiling.best_guess_hits([['x', eos]], [['a', eos]]) == (0, 2)
+
+
+def test_gpu_run_rejects_unknown_sections_and_rows_before_measuring_anything():
+  emitted = []
+  with pytest.raises(ValueError, match='Unknown pre-training rows'):
+    gpu.run(gpu.FULL, emitted.append, ('pretrain',), ('huge',))
+  with pytest.raises(ValueError, match='Unknown sections'):
+    gpu.run(gpu.FULL, emitted.append, ('detr', 'speed'))
+  assert emitted == []
