@@ -19,7 +19,9 @@ the stem as XLA's convolution and max-pool (the `base` config's) or in the forms
 faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
 `max_pool='unrolled'`; the stem is frozen here, so only its forward pass counts), and the
 1x1 convs as matrix products (`pointwise_conv='dot'`, the `base` config's) or as XLA
-convolutions ('1x1 as conv', to show what 'dot' saves).
+convolutions ('1x1 as conv', to show what 'dot' saves), and which operations XLA:CPU hands to
+YNNPACK (`config.train.cpu_ynn_fusion_types`: the config's dots only; 'YNNPACK default',
+XLA's choice, its convolutions too; 'YNNPACK off', none).
 The project's step skips the frozen parameters' backward pass (`make_train_step(frozen=)`,
 like PyTorch's requires_grad=False); the 'frozen grads computed' variant passes no mask,
 as the step did before, to show what that saves.
@@ -89,12 +91,17 @@ class Variant:
   frozen_grads: bool = False  # True: no frozen mask, their gradients computed
   cpu_stem: bool = False  # True: the backbone stem in common.STEM_FORMS['cpu']
   pointwise_conv: str = ''  # config.model.backbone.pointwise_conv; '' keeps the config's
+  # config.train.cpu_ynn_fusion_types ('default': XLA's, YNNPACK convolutions too); None
+  # keeps the config's.
+  ynn_fusion_types: str | None = None
 
   @property
   def name(self) -> str:
     extra = ', frozen grads computed' if self.frozen_grads else ''
     extra += ', CPU stem' if self.cpu_stem else ''
     extra += f', 1x1 as {self.pointwise_conv}' if self.pointwise_conv else ''
+    if self.ynn_fusion_types is not None:
+      extra += f', YNNPACK {self.ynn_fusion_types or "off"}'
     return f'ours {self.dtype}, {self.matcher}{extra}'
 
 
@@ -114,6 +121,8 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
            dropout=0.1, attention_dropout=0.0,  # HF DetrConfig defaults
            reference_points=False, cell_class_head=False)
   config.loss.det.update(aux_loss=True, matcher=variant.matcher)
+  if variant.ynn_fusion_types is not None:
+    config.train.cpu_ynn_fusion_types = variant.ynn_fusion_types
   config.optim.update(lr=1e-4, weight_decay=1e-4, clip_norm=0.1, warmup_steps=0,
                       schedule='constant', lr_mults=(('backbone/.*', 0.1),), frozen=FROZEN)
   return config
@@ -229,7 +238,8 @@ HfPeers = dict[str, Callable[[Any, dict[str, np.ndarray]], Callable[[], Any]]]
 
 def variants_for(shape_name: str, quick: bool) -> list[Variant]:
   default, computed = Variant(), Variant(frozen_grads=True)
-  forms = [Variant(cpu_stem=True), Variant(pointwise_conv='conv')]
+  forms = [Variant(cpu_stem=True), Variant(pointwise_conv='conv'),
+           Variant(ynn_fusion_types='default'), Variant(ynn_fusion_types='')]
   if quick:
     return [default, computed] + forms
   return [default, computed] + forms + [Variant(matcher='scipy'), Variant(dtype='bfloat16')]

@@ -223,6 +223,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # backend only (GPU/TPU keep XLA's default); -1: XLA's default. base at 1 compiles ~30%
   # faster at the same step time; tiny saw no gain (bench/pretrain_step.py, README).
   t.cpu_backend_optimization_level = -1 if variant == 'tiny' else 1
+  # Which XLA:CPU operations run as YNNPACK library calls in the train step, on the CPU
+  # backend only: comma-separated from e2e_vlp.train.state.YNN_FUSION_TYPES; '' none;
+  # 'default' XLA's choice (dots and convolutions in jax 0.10). XLA's own convolutions ran
+  # 2-3.5x faster than YNNPACK's (README, Benchmarks).
+  t.cpu_ynn_fusion_types = 'individual_dot'
 
   config.init_from = ''  # a checkpoint dir: load matching parameters, report the rest
   config.workdir = ''  # '' -> workdirs/<task>_<variant>

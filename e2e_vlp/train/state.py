@@ -164,8 +164,23 @@ def jit_train_step(step, shardings: TrainState, mesh: Mesh, batch_spec: Mapping[
 
 def compiler_options(train_config: Any, backend: str) -> dict[str, Any] | None:
   """XLA options for compiling the train step on `backend`: on CPU only,
-  `train.cpu_backend_optimization_level` (LLVM's level for XLA's generated kernels)."""
-  level = train_config.cpu_backend_optimization_level
-  if backend != 'cpu' or level < 0:
+  `train.cpu_backend_optimization_level` (LLVM's level for XLA's generated kernels) and
+  `train.cpu_ynn_fusion_types` (which operations YNNPACK runs)."""
+  if backend != 'cpu':
     return None
-  return {'xla_backend_optimization_level': level}
+  options = {}
+  if train_config.cpu_backend_optimization_level >= 0:
+    options['xla_backend_optimization_level'] = train_config.cpu_backend_optimization_level
+  if train_config.cpu_ynn_fusion_types != 'default':
+    options['xla_cpu_experimental_ynn_fusion_type'] = ','.join(
+        'LIBRARY_FUSION_TYPE_' + kind.upper()
+        for kind in ynn_fusion_types(train_config.cpu_ynn_fusion_types))
+  return options or None
+
+
+YNN_FUSION_TYPES = ('individual_dot', 'individual_convolution', 'dot', 'eltwise', 'reduce')
+
+
+def ynn_fusion_types(value: str) -> list[str]:
+  """The kinds named in `train.cpu_ynn_fusion_types` ('a,b'; '' none)."""
+  return [kind.strip() for kind in value.split(',') if kind.strip()]
