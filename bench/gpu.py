@@ -121,9 +121,9 @@ def run(plan: Plan, emit: Callable[[str], None], sections: tuple[str, ...] = SEC
   if unknown:
     raise ValueError(f'Unknown sections {sorted(unknown)}; choose from {SECTIONS}.')
   planned = [s.variant for s in plan.pretrain_settings]
-  if set(pretrain_variants) - set(planned):
-    raise ValueError(f'Unknown pre-training rows {sorted(set(pretrain_variants) - set(planned))}'
-                     f'; choose from {planned}.')
+  unknown_rows = set(pretrain_variants) - set(planned)
+  if unknown_rows:
+    raise ValueError(f'Unknown pre-training rows {sorted(unknown_rows)}; choose from {planned}.')
   import torch  # noqa: PLC0415
   device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   start = time.perf_counter()

@@ -20,9 +20,8 @@ def _conv_and_dot(x, w, a):
 def _ynn_fusions(hlo: str) -> str:
   """The bodies of the computations that YNNPACK fusions call, as one string."""
   called = set(re.findall(r'calls=%([\w.]+), .*"kind":"__ynn_fusion"', hlo))
-  bodies = re.findall(r'^%([\w.]+) .*?^}', hlo, re.S | re.M)
-  blocks = re.findall(r'^(%[\w.]+ .*?^})', hlo, re.S | re.M)
-  return '\n'.join(block for name, block in zip(bodies, blocks) if name in called)
+  blocks = re.findall(r'^(%([\w.]+) .*?^})', hlo, re.S | re.M)
+  return '\n'.join(block for block, name in blocks if name in called)
 
 
 @pytest.fixture(scope='module')
