@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 from configs import pretrain  # noqa: E402
 from e2e_vlp.losses import detection  # noqa: E402
 from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
+from e2e_vlp.models.e2e_vlp import init_inputs  # noqa: E402
 
 NUM_CLASSES = 91  # COCO's label space, as in DETR and HF's default head
 
@@ -149,8 +150,9 @@ def ours_runner(shape: DetrShape, variant: Variant, batch: dict[str, np.ndarray]
   model = E2EVLP(config.model)
 
   def init_variables(rng):
-    return model.init({'params': rng, 'dropout': rng}, batch['image'][:1],
-                      batch['image_mask'][:1], train=False, method=E2EVLP.detect)
+    inputs = init_inputs(config.model, {k: batch[k][:1] for k in ('image', 'image_mask')})
+    return model.init({'params': rng, 'dropout': rng}, inputs['image'], inputs['image_mask'],
+                      train=False, method=E2EVLP.detect)
 
   def loss_fn(params, constants, batch, rng):
     outputs = model.apply({'params': params, **constants}, batch['image'], batch['image_mask'],

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
 from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
+from e2e_vlp.models.e2e_vlp import init_inputs  # noqa: E402
 
 ShapesFn = Callable[[Any, int], dict[str, jax.ShapeDtypeStruct]]
 LossesFn = Callable[[dict[str, jax.Array], dict[str, jax.Array], Any],
@@ -154,8 +155,8 @@ def step_runner(config: Any, batch_size: int, *,
   batch = synthetic_batch(config, batch_size, shapes)
 
   def init_variables(rng):
-    zeros = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in shapes(config, 1).items()}
-    return model.init({'params': rng, 'dropout': rng}, zeros, train=False)
+    inputs = init_inputs(config.model, shapes(config, 1))
+    return model.init({'params': rng, 'dropout': rng}, inputs, train=False)
 
   def loss_fn(params, constants, batch, rng):
     outputs = model.apply({'params': params, **constants}, batch, train=True,

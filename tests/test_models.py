@@ -18,6 +18,7 @@ import pytest
 
 from configs import pretrain
 from e2e_vlp.models import E2EVLP
+from e2e_vlp.models import e2e_vlp as e2e_vlp_module
 from e2e_vlp.models import embeddings
 from e2e_vlp.models import heads
 from e2e_vlp.models import transformer
@@ -359,6 +360,32 @@ def test_parameter_counts(variant, base_abstract):
   print(f'{variant}: {total:,} parameters ({backbone:,} in the backbone incl. frozen BN '
         'affine, which lives in batch_stats)')
   assert total > backbone
+
+
+def test_init_on_one_cell_gives_the_full_size_variables(batch):
+  """`init_inputs` shrinks images and masks to one feature cell (16 px at tiny); the
+  initial values are the full-size init's, bit for bit."""
+  config = tiny(encoder_layers=1, decoder_layers=1, caption_decoder_layers=1)
+  model = E2EVLP(config)
+  spec = {**batch, 'image_id': jnp.zeros((B,), jnp.int32), 'image0_mask': batch['image_mask']}
+  small = e2e_vlp_module.init_inputs(config, spec)
+  assert small['image'].shape == (B, 16, 16, 3) and small['image_mask'].shape == (B, 16, 16)
+  assert small['image0_mask'].shape == (B, 16, 16) and small['image_id'].shape == (B,)
+  assert small['text_ids'].shape == batch['text_ids'].shape and not small['text_ids'].any()
+  del small['image_id'], small['image0_mask']
+  init = jax.jit(lambda rng, inputs: model.init({'params': rng, 'dropout': rng}, inputs,
+                                                train=False))
+  full = init(jax.random.key(3), {k: jnp.zeros_like(v) for k, v in batch.items()})
+  jax.tree.map(np.testing.assert_array_equal, full, init(jax.random.key(3), small))
+
+
+def test_init_on_one_cell_gives_the_base_shapes(base_abstract):
+  config = pretrain.get_config('base').model
+  small = e2e_vlp_module.init_inputs(config, make_batch(**BASE_BATCH))
+  assert small['image'].shape == (1, 32, 32, 3)
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(tree))
+  assert shapes(abstract_variables(E2EVLP(config), small, train=False)) == shapes(
+      base_abstract)
 
 
 def test_base_forward_on_cpu(base_abstract):

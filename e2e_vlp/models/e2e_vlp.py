@@ -31,6 +31,9 @@ Every cache leaf has the batch as its leading axis (reorder beams with
 (not checked inside jit). For beam search, tile memory per beam before the init.
 """
 
+import re
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
@@ -45,6 +48,7 @@ from e2e_vlp.models.heads import DetectionHead
 from e2e_vlp.models.heads import Pooler
 from e2e_vlp.models.heads import TiedLMHead
 from e2e_vlp.models.resnet import ResNet
+from e2e_vlp.models.resnet import output_stride
 from e2e_vlp.models.transformer import Decoder
 from e2e_vlp.models.transformer import Encoder
 
@@ -53,6 +57,28 @@ JOINT_VISUAL = ('grid', 'image_encoder')  # what the joint pass sees of the imag
 # How the joint pass mixes text and image: 'merged' (paper) one encoder over the text and
 # image tokens together; 'cross_attention' text-only layers that cross-attend to the image.
 JOINT_FUSION = ('merged', 'cross_attention')
+# Batch entries that hold an image [B, H, W, 3] or its mask [B, H, W]: 'image', 'image0_mask'.
+_IMAGE_INPUT = re.compile(r'image\d*(_mask)?')
+
+
+def init_inputs(config: ml_collections.ConfigDict, spec: Mapping[str, Any]) -> Batch:
+  """Zeros for `E2EVLP(config).init`: `spec` (name -> object with .shape/.dtype) with every
+  image and image mask shrunk to one feature cell, S x S pixels (S the output stride).
+
+  No variable's shape depends on the image size (visual positions are sine functions of
+  the grid) and flax draws each initial value from the module path, not the input, so the
+  variables equal a full-size init's (tests/test_models.py). The init then compiles and
+  runs the backbone on one cell instead of the training canvas.
+  """
+  b = config.backbone
+  side = output_stride(b.stem, len(b.stage_sizes), b.dilation)
+  out = {}
+  for name, value in spec.items():
+    shape = tuple(value.shape)
+    if _IMAGE_INPUT.fullmatch(name):
+      shape = shape[:1] + (side, side) + shape[3:]
+    out[name] = jnp.zeros(shape, value.dtype)
+  return out
 
 
 def _check_image(image: jnp.ndarray, image_mask: jnp.ndarray, stride: int, name: str = 'image'):

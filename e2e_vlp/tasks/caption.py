@@ -18,6 +18,7 @@ from e2e_vlp.data import finetune_pipelines
 from e2e_vlp.eval import captions as caption_eval
 from e2e_vlp.losses import text as text_losses
 from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.models.e2e_vlp import init_inputs
 from e2e_vlp.tasks import common
 
 DECODERS = ('greedy', 'beam')
@@ -64,7 +65,7 @@ class Task:
             for k, (shape, dtype) in spec.items()}
 
   def init_variables(self, rng: jax.Array):
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(1).items()}
+    batch = init_inputs(self.config.model, self.batch_spec(1))
     return self.model.init({'params': rng, 'dropout': rng}, batch, train=False,
                            method=caption_forward)
 

@@ -17,6 +17,7 @@ import optax
 
 from e2e_vlp.data import finetune_pipelines
 from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.models.e2e_vlp import init_inputs
 from e2e_vlp.tasks import common
 
 INPUTS = ('image0', 'image0_mask', 'image1', 'image1_mask', 'text_ids', 'text_mask')
@@ -58,7 +59,7 @@ class Task:
             for k, (shape, dtype) in spec.items()}
 
   def init_variables(self, rng: jax.Array):
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(1).items()}
+    batch = init_inputs(self.config.model, self.batch_spec(1))
     return self.model.init({'params': rng, 'dropout': rng}, batch, method=E2EVLP.nlvr2_logits)
 
   def loss_fn(self, params, constants, batch, rng):

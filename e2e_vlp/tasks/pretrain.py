@@ -18,6 +18,7 @@ from e2e_vlp.data import pipeline
 from e2e_vlp.data import prepare
 from e2e_vlp.eval import coco_detection
 from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.models.e2e_vlp import init_inputs
 from e2e_vlp.tasks import visualize
 from e2e_vlp.tasks.pretrain_objective import batch_shapes, pretrain_losses
 from e2e_vlp.train import mesh as mesh_lib
@@ -42,7 +43,7 @@ class Task:
     return batch_shapes(self.config, batch_size)
 
   def init_variables(self, rng: jax.Array):
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(1).items()}
+    batch = init_inputs(self.config.model, self.batch_spec(1))
     return self.model.init({'params': rng, 'dropout': rng}, batch, train=False)
 
   def loss_fn(self, params, constants, batch, rng):

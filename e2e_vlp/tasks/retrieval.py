@@ -37,6 +37,7 @@ import optax
 from e2e_vlp.data import finetune_pipelines
 from e2e_vlp.eval import retrieval as retrieval_eval
 from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.models.e2e_vlp import init_inputs
 from e2e_vlp.tasks import common
 from e2e_vlp.train import mesh as mesh_lib
 
@@ -218,7 +219,7 @@ class Task:
   def init_variables(self, rng: jax.Array):
     # Through the training forward: with joint_fusion='cross_attention' the first-stage
     # encoder (`encoder`, see image_embedding) is used by retrieval alone.
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(2).items()}
+    batch = init_inputs(self.config.model, self.batch_spec(2))
     return self.model.init({'params': rng, 'dropout': rng}, batch, train=False,
                            method=self._outputs)
 

@@ -20,6 +20,7 @@ from e2e_vlp.data import builders
 from e2e_vlp.data import finetune_pipelines
 from e2e_vlp.eval import vqa as vqa_eval
 from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.models.e2e_vlp import init_inputs
 from e2e_vlp.tasks import common
 
 INPUTS = ('image', 'image_mask', 'text_ids', 'text_mask')
@@ -81,7 +82,7 @@ class Task:
             for k, (shape, dtype) in spec.items()}
 
   def init_variables(self, rng: jax.Array):
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.batch_spec(1).items()}
+    batch = init_inputs(self.config.model, self.batch_spec(1))
     return self.model.init({'params': rng, 'dropout': rng}, batch, method=E2EVLP.vqa_logits)
 
   def loss_fn(self, params, constants, batch, rng):
