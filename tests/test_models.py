@@ -156,10 +156,11 @@ def test_padded_text_does_not_matter(forward, variables, batch, outputs):
                              np.asarray(outputs['mlm_logits'])[real], atol=1e-5, rtol=1e-5)
 
 
-def test_padded_pixels_do_not_matter(forward, variables, batch, outputs):
+@pytest.mark.parametrize('fill', [1e3, np.nan, -np.inf])
+def test_padded_pixels_do_not_matter(forward, variables, batch, outputs, fill):
   pad = ~batch['image_mask']
   assert pad.any()
-  changed = dict(batch, image=jnp.where(pad[..., None], 1e3, batch['image']))
+  changed = dict(batch, image=jnp.where(pad[..., None], fill, batch['image']))
   assert_same(outputs, forward(variables, changed), tuple(outputs))
 
 

@@ -174,7 +174,8 @@ class E2EVLP(nn.Module):
   def _visual(self, image, image_mask, train):
     """-> tokens [B, N, D], mask [B, N], sine pos [B, N, D], cell centres [B, N, 2]."""
     _check_image(image, image_mask, self.backbone.output_stride)
-    image = image * image_mask[..., None].astype(image.dtype)  # padding can never matter
+    # A select, not a multiply by the mask: NaN or inf padding times 0 stays non-finite.
+    image = jnp.where(image_mask[..., None], image, jnp.zeros((), image.dtype))
     features = self.backbone(image, train=train)
     return self.visual_embeddings(features, image_mask, train=train)
 
