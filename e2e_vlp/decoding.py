@@ -98,6 +98,17 @@ def _step(model: nn.Module, variables: Variables, cache: Cache, tokens: jnp.ndar
   return logits[:, 0].astype(jnp.float32), state['cache']
 
 
+def _prefix_logits(module: nn.Module, variables: Variables, memory: Any, seqs: jnp.ndarray,
+                   t: jnp.ndarray, bos_id: int) -> jnp.ndarray:
+  """Next-token logits [N, V] after [BOS] seqs[:, :t] without a cache: `caption_logits`
+  over the whole prefix. memory: `_encode`'s three arrays; seqs [N, max_len]."""
+  caption_in = jnp.concatenate(
+      [jnp.full((seqs.shape[0], 1), bos_id, jnp.int32), seqs[:, :-1]], axis=1)
+  caption_mask = jnp.broadcast_to(jnp.arange(seqs.shape[1]) <= t, caption_in.shape)
+  logits = module.apply(variables, *memory, caption_in, caption_mask, method='caption_logits')
+  return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False)
+
+
 def _greedy_loop(next_logits, carry0, batch: int, *, bos_id: int, eos_id: int, max_len: int,
                  pad_id: int) -> jnp.ndarray:
   """Greedy decoding driven by `next_logits(t, carry, last [B], tokens) -> (logits, carry)`.
@@ -164,21 +175,14 @@ def _greedy_uncached_jit(variables, image, image_mask, *, model, rules, bos_id, 
                          max_len, pad_id):
   del rules  # only a compile key
   module = model.module
-  memory, memory_mask, memory_pos = _encode(module, variables, image, image_mask)
-  batch = image.shape[0]
-  positions = jnp.arange(max_len)
+  memory = _encode(module, variables, image, image_mask)
 
   def next_logits(t, carry, last, tokens):
     del last  # the whole prefix is recomputed
-    caption_in = jnp.concatenate(
-        [jnp.full((batch, 1), bos_id, jnp.int32), tokens[:, :-1]], axis=1)
-    caption_mask = jnp.broadcast_to(positions <= t, caption_in.shape)
-    logits = module.apply(variables, memory, memory_mask, memory_pos, caption_in,
-                          caption_mask, method='caption_logits')
-    return jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False), carry
+    return _prefix_logits(module, variables, memory, tokens, t, bos_id), carry
 
-  return _greedy_loop(next_logits, (), batch, bos_id=bos_id, eos_id=eos_id, max_len=max_len,
-                      pad_id=pad_id)
+  return _greedy_loop(next_logits, (), image.shape[0], bos_id=bos_id, eos_id=eos_id,
+                      max_len=max_len, pad_id=pad_id)
 
 
 def greedy_decode_uncached(model: nn.Module, variables: Variables, image: jnp.ndarray,
@@ -206,17 +210,12 @@ def _top_k_gather(scores: jnp.ndarray, k: int, *others: jnp.ndarray
   return (top, index) + picked
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'rules', 'bos_id', 'eos_id', 'max_len',
-                                             'beam_size', 'pad_id'))
-def _beam_jit(variables, image, image_mask, alpha, *, model, rules, bos_id, eos_id, max_len,
-              beam_size, pad_id):
-  del rules  # only a compile key
-  module, k = model.module, beam_size
-  batch = image.shape[0]
-  memory, memory_mask, memory_pos = _encode(module, variables, image, image_mask)
-  tile = lambda x: jnp.repeat(x, k, axis=0)  # row b * k + j is beam j of image b
-  cache = _init_cache(module, variables, tile(memory), tile(memory_mask), tile(memory_pos),
-                      max_len)
+def _beam_loop(next_logits, reorder, carry0, batch: int, alpha: jnp.ndarray, *, k: int,
+               bos_id: int, eos_id: int, max_len: int, pad_id: int
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Beam search driven by `next_logits(t, carry, last [B*k], seqs [B*k, max_len]) ->
+  (logits [B*k, V], carry)`; `reorder(carry, rows [B*k])` follows the surviving beams
+  (row b * k + j is beam j of image b). Returns tokens [B, max_len] and scores [B]."""
   neg_inf = jnp.float32(-jnp.inf)
   rank = jnp.arange(2 * k)
 
@@ -230,8 +229,9 @@ def _beam_jit(variables, image, image_mask, alpha, *, model, rules, bos_id, eos_
     return (t < max_len) & ~jnp.all(done)
 
   def body(state):
-    t, cache, alive_seqs, alive_logp, last, fin_seqs, fin_scores = state
-    logits, cache = _step(module, variables, cache, last.reshape(-1))
+    t, carry, alive_seqs, alive_logp, last, fin_seqs, fin_scores = state
+    logits, carry = next_logits(t, carry, last.reshape(-1),
+                                alive_seqs.reshape(batch * k, max_len))
     vocab = logits.shape[-1]
     _check_ids(vocab, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
     logp = jax.nn.log_softmax(logits).reshape(batch, k, vocab) + alive_logp[..., None]
@@ -250,12 +250,11 @@ def _beam_jit(variables, image, image_mask, alpha, *, model, rules, bos_id, eos_
         jnp.concatenate([fin_seqs, cand_seqs], axis=1))
     alive_logp, _, alive_seqs, beam, last = _top_k_gather(
         jnp.where(ends, neg_inf, cand_logp), k, cand_seqs, cand_beam, cand_token)
-    rows = (jnp.arange(batch)[:, None] * k + beam).reshape(-1)
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), cache)
-    return t + 1, cache, alive_seqs, alive_logp, last, fin_seqs, fin_scores
+    carry = reorder(carry, (jnp.arange(batch)[:, None] * k + beam).reshape(-1))
+    return t + 1, carry, alive_seqs, alive_logp, last, fin_seqs, fin_scores
 
   seqs = jnp.full((batch, k, max_len), pad_id, jnp.int32)
-  state = (jnp.int32(0), cache, seqs,
+  state = (jnp.int32(0), carry0, seqs,
            jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (batch, k)),
            jnp.full((batch, k), bos_id, jnp.int32), seqs, jnp.full((batch, k), neg_inf))
   _, _, alive_seqs, alive_logp, _, fin_seqs, fin_scores = jax.lax.while_loop(cond, body, state)
@@ -265,9 +264,29 @@ def _beam_jit(variables, image, image_mask, alpha, *, model, rules, bos_id, eos_
   return tokens, jnp.where(finished, fin_scores[:, 0], alive_scores)
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'rules', 'bos_id', 'eos_id', 'max_len',
+                                             'beam_size', 'pad_id', 'cached'))
+def _beam_jit(variables, image, image_mask, alpha, *, model, rules, bos_id, eos_id, max_len,
+              beam_size, pad_id, cached):
+  del rules  # only a compile key
+  module, k = model.module, beam_size
+  memory = [jnp.repeat(x, k, axis=0) for x in _encode(module, variables, image, image_mask)]
+  if cached:
+    carry0 = _init_cache(module, variables, *memory, max_len)
+    next_logits = lambda t, cache, last, seqs: _step(module, variables, cache, last)
+    reorder = lambda cache, rows: jax.tree.map(
+        lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), cache)
+  else:  # every step reruns the caption decoder over each beam's whole prefix
+    carry0, reorder = (), lambda carry, rows: carry
+    next_logits = lambda t, carry, last, seqs: (
+        _prefix_logits(module, variables, memory, seqs, t, bos_id), carry)
+  return _beam_loop(next_logits, reorder, carry0, image.shape[0], alpha, k=k, bos_id=bos_id,
+                    eos_id=eos_id, max_len=max_len, pad_id=pad_id)
+
+
 def beam_search(model: nn.Module, variables: Variables, image: jnp.ndarray,
                 image_mask: jnp.ndarray, *, bos_id: int, eos_id: int, max_len: int,
-                beam_size: int, length_penalty: float, pad_id: int = 0
+                beam_size: int, length_penalty: float, pad_id: int = 0, cached: bool = True
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Beam search with the KV cache (cache tiled per beam, gathered by beam each step).
 
@@ -280,6 +299,8 @@ def beam_search(model: nn.Module, variables: Variables, image: jnp.ndarray,
     beam_size: k >= 1; k = 1 with length_penalty = 0 is greedy decoding.
     length_penalty: GNMT alpha >= 0; 0 ranks by the raw log-prob sum, larger values
       favour longer captions.
+    cached: False reruns the caption decoder over each beam's whole prefix every step
+      instead (O(max_len^2) work, no cache): the reference for tests and benchmarks.
 
   Returns:
     tokens [B, max_len] int32 (as greedy) and scores [B] float32: the best finished
@@ -294,7 +315,7 @@ def beam_search(model: nn.Module, variables: Variables, image: jnp.ndarray,
                      'log-probability); the early stop assumes penalties grow with length.')
   return _beam_jit(variables, image, image_mask, jnp.float32(length_penalty), bos_id=bos_id,
                    eos_id=eos_id, max_len=max_len, beam_size=beam_size, pad_id=pad_id,
-                   **_static_kwargs(model))
+                   cached=cached, **_static_kwargs(model))
 
 
 def greedy_captions(model: nn.Module, variables: Variables, image: jnp.ndarray,

@@ -134,6 +134,20 @@ def test_beam_size_one_is_greedy(setup):
   np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_beam_matches_recomputation(setup):
+  """The KV-cached beam search and the one that reruns the decoder over each prefix pick
+  the same hypotheses with the same scores (k = 3, alpha = 0.6)."""
+  kw = dict(bos_id=BOS, eos_id=EOS, max_len=MAX_LEN, pad_id=PAD, beam_size=3,
+            length_penalty=0.6)
+  args = (setup.model, setup.variables, setup.image, setup.image_mask)
+  tokens, scores = decoding.beam_search(*args, **kw)
+  full_tokens, full_scores = decoding.beam_search(*args, **kw, cached=False)
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(full_tokens))
+  np.testing.assert_allclose(np.asarray(scores), np.asarray(full_scores), rtol=1e-5,
+                             atol=1e-5)
+  assert np.isfinite(np.asarray(scores)).all()
+
+
 def test_greedy_captions_uses_tokenizer_ids(setup):
   model, variables, image, image_mask = (
       setup.model, setup.variables, setup.image, setup.image_mask)
