@@ -55,10 +55,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
            f'config.data.max_caption_len={d.max_caption_len} exceeds '
            f'config.model.max_caption_len={m.max_caption_len}.')
   ynn = t.cpu_ynn_fusion_types
-  _require(ynn == 'default' or set(state_lib.ynn_fusion_types(ynn)) <= set(
+  _require(ynn == state_lib.YNN_XLA_DEFAULT or set(state_lib.ynn_fusion_types(ynn)) <= set(
       state_lib.YNN_FUSION_TYPES),
            f'config.train.cpu_ynn_fusion_types={ynn!r}: use comma-separated names from '
-           f"{state_lib.YNN_FUSION_TYPES}, '' for none or 'default' for XLA's choice.")
+           f"{state_lib.YNN_FUSION_TYPES}, '' for none or {state_lib.YNN_XLA_DEFAULT!r} for "
+           "XLA's choice.")
   _require(t.total_steps > 0, f'config.train.total_steps={t.total_steps} must be positive.')
   for field in ('log_every', 'eval_every', 'checkpoint_every', 'max_steps_in_flight'):
     _require(t[field] > 0, f'config.train.{field}={t[field]} must be positive.')

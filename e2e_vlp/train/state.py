@@ -171,7 +171,7 @@ def compiler_options(train_config: Any, backend: str) -> dict[str, Any] | None:
   options = {}
   if train_config.cpu_backend_optimization_level >= 0:
     options['xla_backend_optimization_level'] = train_config.cpu_backend_optimization_level
-  if train_config.cpu_ynn_fusion_types != 'default':
+  if train_config.cpu_ynn_fusion_types != YNN_XLA_DEFAULT:
     options['xla_cpu_experimental_ynn_fusion_type'] = ','.join(
         'LIBRARY_FUSION_TYPE_' + kind.upper()
         for kind in ynn_fusion_types(train_config.cpu_ynn_fusion_types))
@@ -179,6 +179,7 @@ def compiler_options(train_config: Any, backend: str) -> dict[str, Any] | None:
 
 
 YNN_FUSION_TYPES = ('individual_dot', 'individual_convolution', 'dot', 'eltwise', 'reduce')
+YNN_XLA_DEFAULT = 'default'  # train.cpu_ynn_fusion_types value: leave XLA's choice
 
 
 def ynn_fusion_types(value: str) -> list[str]:
