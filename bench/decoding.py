@@ -27,13 +27,13 @@ from bench import common  # noqa: E402  (first: provides ml_collections where mi
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import pretrain_step  # noqa: E402
 from configs import pretrain  # noqa: E402
 from e2e_vlp import decoding  # noqa: E402
 from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
+from e2e_vlp.models.e2e_vlp import init_inputs  # noqa: E402
 
 BOS_ID, EOS_ID, PAD_ID = 2, 3, 0  # the project's WordPiece layout ([PAD]=0); any ids work
 
@@ -57,8 +57,8 @@ def model_and_variables(setting: Setting, seed: int = 0) -> tuple[E2EVLP, Any, d
   config.data.image_size = setting.image_size
   shapes, _ = pretrain_step.task_pieces()
   model = E2EVLP(config.model)
-  zeros = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in shapes(config, 1).items()}
-  variables = nn.meta.unbox(jax.jit(lambda rng: model.init(rng, zeros, train=False))(
+  inputs = init_inputs(config.model, shapes(config, 1))
+  variables = nn.meta.unbox(jax.jit(lambda rng: model.init(rng, inputs, train=False))(
       jax.random.key(seed)))
   bias = variables['params']['caption_head']['bias']
   variables['params']['caption_head']['bias'] = bias.at[EOS_ID].set(-1e9)

@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import pretrain  # noqa: E402
 from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
+from e2e_vlp.models.e2e_vlp import init_inputs  # noqa: E402
 from e2e_vlp.tasks.pretrain import batch_shapes  # noqa: E402
 from e2e_vlp.train import mesh as mesh_lib  # noqa: E402
 from e2e_vlp.train import optimizer  # noqa: E402
@@ -67,8 +67,7 @@ def measure(config, strategy: str, mesh_shape: tuple[int, int, int]) -> dict[str
   model = E2EVLP(config.model)
   spec = batch_shapes(config, 1)
   init = lambda rng: model.init({'params': rng, 'dropout': rng},
-                                {k: jnp.zeros(v.shape, v.dtype) for k, v in spec.items()},
-                                train=False)
+                                init_inputs(config.model, spec), train=False)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = state_lib.strip_boxes(jax.eval_shape(init, jax.random.key(0)))['params']
     tx, _ = optimizer.make_optimizer(config.optim, params, total_steps=10)
