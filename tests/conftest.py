@@ -1,4 +1,5 @@
-"""Test session set-up: 8 virtual CPU devices (sharding tests) and quiet TensorFlow.
+"""Test session set-up: 8 virtual CPU devices (sharding tests), XLA's fastest compilation
+(tests/fast_compile.py) and quiet TensorFlow.
 
 The flags must be set before jax or tensorflow is imported anywhere, hence here.
 Tests that use one device simply place their arrays on the default device.
@@ -7,14 +8,17 @@ Tests that use one device simply place their arrays on the default device.
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/micro.py, fast_compile
+
+import fast_compile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+os.environ.setdefault('XLA_FLAGS',
+                      f'--xla_force_host_platform_device_count=8 {fast_compile.FLAGS}')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for tests/micro.py
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fast_compile
 from bench import common
 from bench import detr_step
 from bench import gpu
@@ -159,7 +160,7 @@ def test_gpu_script_smoke_run_without_tensorflow_or_ml_collections():
             '  sys.modules[name] = None\n'
             'sys.argv = ["bench/gpu.py", "--smoke"]\n'
             'runpy.run_path("bench/gpu.py", run_name="__main__")')
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=fast_compile.FLAGS, JAX_PLATFORMS='cpu')  # one device
   out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+import fast_compile
 from configs import pretrain
 from e2e_vlp import decoding
 from e2e_vlp.data.tokenizer import Tokenizer
@@ -264,8 +265,7 @@ def test_export_needs_no_torch(tmp_path):
                                convert.abstract_variables(model_config))
       convert.write_hf_folder(variables, model_config, {str(tmp_path)!r}, None)
       """)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=fast_compile.FLAGS)  # one device
   subprocess.run([sys.executable, '-c', script], check=True, env=env, timeout=120)
   assert {'config.json', 'model.safetensors', 'modeling_e2e_vlp.py'} <= set(os.listdir(tmp_path))
 

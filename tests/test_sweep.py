@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+import fast_compile
 from e2e_vlp import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,14 +292,11 @@ _TINY_RUN = [
     'model.decoder_layers=1', 'model.caption_decoder_layers=1', 'model.fusion_layers=1',
     'model.num_queries=8',
     'data.corpus_train_images=64', 'data.corpus_val_images=16', 'data.shuffle_buffer=64']
-# Compiles dominate the runs. XLA's cheapest code generation (the older fusion emitters
-# compile the train step in 6 s of CPU instead of 15 s at optimization level 0, 27 s by
-# default), and a compilation cache shared by the two runs: they differ by the seed only,
-# an input of the compiled programs, so one run compiles and the other reads the cache.
-_FAST_COMPILE_FLAGS = ('--xla_force_host_platform_device_count=1 '
-                       '--xla_backend_optimization_level=0 '
-                       '--xla_llvm_disable_expensive_passes=true '
-                       '--xla_cpu_use_fusion_emitters=false')
+# Compiles dominate the runs: one device and XLA's cheapest code generation (as every test
+# process, tests/fast_compile.py), and a compilation cache shared by the two runs: they
+# differ by the seed only, an input of the compiled programs, so one run compiles and the
+# other reads the cache.
+_FAST_COMPILE_FLAGS = f'--xla_force_host_platform_device_count=1 {fast_compile.FLAGS}'
 
 
 def test_real_tiny_sweep_end_to_end(tmp_path, monkeypatch, micro_cache):
