@@ -1,5 +1,6 @@
 """Checkpoints: round trip with data state, fallback past a corrupt newest step."""
 
+import logging
 import os
 
 import flax.linen as nn
@@ -74,6 +75,41 @@ def test_round_trip_and_fallback_past_a_truncated_newest_step(tmp_path):
   assert (step, data) == (1, ckpt_lib.DataState(b'data-at-1', stream_start=0))
   _assert_trees_equal(restored.params, state.params)
   ckpt.close()
+
+
+def _save_counting_compiles(directory, tree, min_bytes, caplog) -> int:
+  """Saves `tree` with `Checkpointer(replica_parallel_min_bytes=min_bytes)`, checks the
+  round trip and returns how many programs jax compiled while saving."""
+  ckpt = ckpt_lib.Checkpointer(str(directory), keep=1, async_save=False,
+                               replica_parallel_min_bytes=min_bytes)
+  caplog.clear()
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      ckpt.save(0, tree, force=True)
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  compiles = sum('Compiling' in r.getMessage() for r in caplog.records)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+  _assert_trees_equal(ckpt.restore(0, target)[0], tree)
+  ckpt.close()
+  return compiles
+
+
+def test_small_replicated_arrays_are_saved_without_per_device_slice_compiles(
+    tmp_path, caplog):
+  # orbax's replica-parallel save slices each replicated array once per device, and every
+  # new (shape, device) compiles a program; below the floor one replica writes it whole.
+  # Shapes unique to this test, so no earlier compile is cached.
+  replicated = jax.sharding.NamedSharding(jax.make_mesh((8,), ('data',)),
+                                          jax.sharding.PartitionSpec())
+  put = lambda shape: jax.device_put(
+      np.arange(np.prod(shape), dtype=np.float32).reshape(shape), replicated)
+  small, big = {'bias': put((8, 129))}, {'embedding': put((1024, 2049))}  # 4 KiB, 8 MiB
+  assert _save_counting_compiles(tmp_path / 'a', small, 1 << 20, caplog) == 0
+  assert _save_counting_compiles(tmp_path / 'b', big, 1 << 20, caplog) > 0  # 1 MiB slices
+  assert _save_counting_compiles(tmp_path / 'c', {'bias': put((8, 131))}, 0, caplog) > 0
 
 
 def test_nonfinite_step_leaves_state_unchanged():

@@ -203,6 +203,8 @@ def test_init_from_pretraining_into_vqa_reports_new_head(micro_cache, reference,
     ({'model.joint_visual': 'cells'}, 'config.model.joint_visual'),
     ({'train.max_steps_in_flight': 0}, 'config.train.max_steps_in_flight=0'),
     ({'train.cpu_ynn_fusion_types': 'individual_conv'}, 'config.train.cpu_ynn_fusion_types'),
+    ({'train.checkpoint_replica_parallel_min_bytes': -1},
+     'config.train.checkpoint_replica_parallel_min_bytes'),
 ])
 def test_config_errors_stop_before_anything_is_built(micro_cache, tmp_path, overrides, field):
   workdir = str(tmp_path / 'run')

@@ -24,6 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+# The per-host array metadata store orbax's default jax.Array handler writes; orbax-checkpoint
+# 0.12 gives it no public name.
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +141,35 @@ def _check_shapes(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
         + '. Use another --workdir, or the config that checkpoint was trained with.')
 
 
-class Checkpointer:
-  """Keeps the last `keep` steps under `<workdir>/checkpoints`."""
+def state_handler(replica_parallel_min_bytes: int) -> ocp.PyTreeCheckpointHandler:
+  """orbax's pytree handler, saving an array replica-parallel only when each replica's
+  slice holds at least `replica_parallel_min_bytes`.
 
-  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+  Replica-parallel saving splits a replicated array into one slice per replica, and each
+  slice is an eager `jax.Array` slice that jit compiles once per (shape, device): with
+  orbax's default (every array, however small) the first save of the `tiny` state (1,021
+  arrays, 38 MiB) on 8 CPU devices took 13 s and later saves 4.4 s; with a 1 MiB floor
+  2.0 s and 1.5 s (`python bench/checkpoint_save.py`). Large arrays keep replica-parallel
+  writes, which spread a pod's saves over its hosts.
+  """
+  arrays = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=replica_parallel_min_bytes,
+      array_metadata_store=array_metadata_store.Store())
+  registry = ocp.type_handlers.create_type_handler_registry(
+      *[(t, ocp.type_handlers.get_type_handler(t)) for t in (int, float, np.number, np.ndarray)],
+      (jax.Array, arrays))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+class Checkpointer:
+  """Keeps the last `keep` steps under `<workdir>/checkpoints`.
+
+  replica_parallel_min_bytes: see `state_handler`
+  (`config.train.checkpoint_replica_parallel_min_bytes`).
+  """
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True,
+               replica_parallel_min_bytes: int = 1 << 20):
     self.directory = epath.Path(workdir) / 'checkpoints'
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -149,14 +177,15 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True),
         item_names=('state', 'data'),
-        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': DataStateHandler()})
+        item_handlers={'state': state_handler(replica_parallel_min_bytes),
+                       'data': DataStateHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: DataState | None = None, *,
            force: bool = False) -> bool:
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {'state': ocp.args.PyTreeSave(state)}
     if data_state is not None:
       items['data'] = DataStateSave(data_state)
     if step in self._manager.all_steps():  # unreadable on restore (skipped), now retrained
@@ -195,7 +224,9 @@ class Checkpointer:
     The data state is None when the step has none, or when it was written by another
     number of processes (logged as a warning): the caller restarts the data stream.
     """
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    items = {'state': ocp.args.PyTreeRestore(
+        item=abstract_state,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     has_data = with_data and (self.directory / str(step) / 'data').exists()
     if has_data:
       items['data'] = DataStateRestore()

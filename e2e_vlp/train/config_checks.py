@@ -63,6 +63,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
   _require(t.total_steps > 0, f'config.train.total_steps={t.total_steps} must be positive.')
   for field in ('log_every', 'eval_every', 'checkpoint_every', 'max_steps_in_flight'):
     _require(t[field] > 0, f'config.train.{field}={t[field]} must be positive.')
+  _require(t.checkpoint_replica_parallel_min_bytes >= 0,
+           'config.train.checkpoint_replica_parallel_min_bytes='
+           f'{t.checkpoint_replica_parallel_min_bytes} must be >= 0 (0: always split).')
   _require(m.backbone.norm != 'batch_norm',
            "config.model.backbone.norm='batch_norm' keeps running statistics the train step "
            "does not update; use 'frozen_bn' (pretrained) or 'group_norm' (from scratch).")

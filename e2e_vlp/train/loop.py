@@ -130,7 +130,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   logging.info('Model: %s parameters.', f'{num_params:,}')
 
   # ------------------------------------------------------------- resume or initialise
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, keep=config.train.keep_checkpoints,
+      replica_parallel_min_bytes=config.train.checkpoint_replica_parallel_min_bytes)
   restored = checkpointer.restore_latest(
       ckpt_lib.abstract_with_shardings(abstract_state, shardings))
   if restored is not None:
