@@ -107,16 +107,22 @@ def main() -> None:
   batches = args.batches or (5 if args.quick else 20)
   warmup = 2 if args.quick else 5
 
-  vocab_dir = tempfile.mkdtemp()
-  tokenizer = tokenizer_lib.Tokenizer.from_vocab_file(tokenizer_lib.learn_vocab(
-      [' '.join(WORDS)] * 4, 512, vocab_dir))
+  with tempfile.TemporaryDirectory() as vocab_dir:
+    tokenizer = tokenizer_lib.Tokenizer.from_vocab_file(tokenizer_lib.learn_vocab(
+        [' '.join(WORDS)] * 4, 512, vocab_dir))
+    print_table(tokenizer, args.quick, batches, warmup)
+
+
+def print_table(tokenizer: tokenizer_lib.Tokenizer, quick: bool, batches: int,
+                warmup: int) -> None:
+  """One row per resolution and pipeline: throughput, iterator state size and save time."""
   print(f'host: {os.cpu_count()} CPUs; TensorFlow {tf.__version__}; {batches} timed '
         f'batches after {warmup} warm-up\n')
   print('| resolution | pipeline | host batch | examples/s | ms/batch | state MB | '
         'state save ms | train step examples/s |')
   print('|---|---|---|---|---|---|---|---|')
-  for name, config, batch_size, shape in settings(args.quick):
-    examples = synthetic_examples(64 if args.quick else 256, shape)
+  for name, config, batch_size, shape in settings(quick):
+    examples = synthetic_examples(64 if quick else 256, shape)
     source = pipeline.from_examples(examples)
     step_rate = train_step_rate(config, batch_size)
     step_cell = f'{step_rate:.1f}' if step_rate is not None else '-'
