@@ -34,7 +34,6 @@ def worker(config_name: str, min_bytes: int, saves: int) -> dict:
   from e2e_vlp.tasks.pretrain import batch_shapes  # noqa: PLC0415
   from e2e_vlp.train import checkpoint as ckpt_lib  # noqa: PLC0415
   from e2e_vlp.train import mesh as mesh_lib  # noqa: PLC0415
-  from e2e_vlp.train import optimizer  # noqa: PLC0415
   from e2e_vlp.train import sharding  # noqa: PLC0415
   from e2e_vlp.train import state as state_lib  # noqa: PLC0415
 
@@ -44,10 +43,8 @@ def worker(config_name: str, min_bytes: int, saves: int) -> dict:
                                 init_inputs(config.model, batch_shapes(config, 1)), train=False)
   mesh = mesh_lib.make_mesh({'data': -1, 'fsdp': 1, 'model': 1})
   rules = sharding.logical_axis_rules(config.sharding)
+  tx, _, abstract, shardings = state_lib.plan_train_state(init, config.optim, 10, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_params = state_lib.strip_boxes(jax.eval_shape(init, jax.random.key(0)))['params']
-    tx, _ = optimizer.make_optimizer(config.optim, abstract_params, total_steps=10)
-    abstract, shardings = state_lib.state_shardings(init, tx, mesh, rules)
     state = jax.block_until_ready(state_lib.create_train_state(init, tx, jax.random.key(1),
                                                                shardings))
   leaves = jax.tree.leaves(state)

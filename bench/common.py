@@ -221,8 +221,8 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
                      frozen_grads: bool = False) -> StepRunner:
   """The training step exactly as e2e_vlp/train/loop.py builds it, compiled on `batch`.
 
-  Mesh from `config.mesh`, rules from `config.sharding`, `make_optimizer(config.optim)`,
-  `state_shardings`, `create_train_state`, `make_train_step` (grad accumulation, seed,
+  Mesh from `config.mesh`, rules from `config.sharding`, `plan_train_state` (optimizer,
+  shardings), `create_train_state`, `make_train_step` (grad accumulation, seed,
   `frozen=frozen_mask(config.optim)`) and `jit_train_step` (state donated).
   `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. `frozen_grads=True` passes
   no frozen mask: the step then computes the frozen parameters' gradients too (for the
@@ -233,13 +233,10 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.sharding)
   spec = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in batch.items()}
+  tx, schedule, abstract, shardings = state_lib.plan_train_state(
+      init_variables, config.optim, config.train.total_steps, mesh, rules)
+  frozen = None if frozen_grads else optimizer_lib.frozen_mask(config.optim, abstract.params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = state_lib.strip_boxes(jax.eval_shape(init_variables, jax.random.key(0)))
-    tx, schedule = optimizer_lib.make_optimizer(config.optim, abstract['params'],
-                                                config.train.total_steps)
-    frozen = (None if frozen_grads
-              else optimizer_lib.frozen_mask(config.optim, abstract['params']))
-    _, shardings = state_lib.state_shardings(init_variables, tx, mesh, rules)
     state = state_lib.create_train_state(init_variables, tx, jax.random.key(config.train.seed),
                                          shardings)
     step = state_lib.make_train_step(loss_fn, tx, schedule,

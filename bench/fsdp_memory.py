@@ -27,7 +27,6 @@ os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={ARGS.devices
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -36,7 +35,6 @@ from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
 from e2e_vlp.models.e2e_vlp import init_inputs  # noqa: E402
 from e2e_vlp.tasks.pretrain import batch_shapes  # noqa: E402
 from e2e_vlp.train import mesh as mesh_lib  # noqa: E402
-from e2e_vlp.train import optimizer  # noqa: E402
 from e2e_vlp.train import sharding  # noqa: E402
 from e2e_vlp.train import state as state_lib  # noqa: E402
 
@@ -68,10 +66,7 @@ def measure(config, strategy: str, mesh_shape: tuple[int, int, int]) -> dict[str
   spec = batch_shapes(config, 1)
   init = lambda rng: model.init({'params': rng, 'dropout': rng},
                                 init_inputs(config.model, spec), train=False)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params = state_lib.strip_boxes(jax.eval_shape(init, jax.random.key(0)))['params']
-    tx, _ = optimizer.make_optimizer(config.optim, params, total_steps=10)
-    abstract, shardings = state_lib.state_shardings(init, tx, mesh, rules)
+  _, _, abstract, shardings = state_lib.plan_train_state(init, config.optim, 10, mesh, rules)
   row = {}
   for part in ('params', 'opt_state'):
     held = bytes_per_device(getattr(abstract, part), getattr(shardings, part))

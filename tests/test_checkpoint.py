@@ -11,7 +11,6 @@ import numpy as np
 from configs import pretrain
 from e2e_vlp.train import checkpoint as ckpt_lib
 from e2e_vlp.train import mesh as mesh_lib
-from e2e_vlp.train import optimizer
 from e2e_vlp.train import sharding
 from e2e_vlp.train import state as state_lib
 from micro import ToyModel
@@ -23,10 +22,8 @@ def _setup(mesh_config=None):
   model = ToyModel()
   init = lambda rng: model.init(rng, jnp.zeros((1, 8)))
   optim = pretrain.get_config('tiny').optim
+  tx, schedule, abstract, shardings = state_lib.plan_train_state(init, optim, 10, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_params = state_lib.strip_boxes(jax.eval_shape(init, jax.random.key(0)))['params']
-    tx, schedule = optimizer.make_optimizer(optim, abstract_params, total_steps=10)
-    abstract, shardings = state_lib.state_shardings(init, tx, mesh, rules)
     state = state_lib.create_train_state(init, tx, jax.random.key(1), shardings)
   return mesh, model, tx, schedule, abstract, shardings, state
 

@@ -6,7 +6,6 @@ tested in tests/test_sharded_training.py; two processes in tests/test_multihost.
 
 import collections
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +15,6 @@ from e2e_vlp.models.e2e_vlp import E2EVLP
 from e2e_vlp.tasks.pretrain import batch_shapes
 from e2e_vlp.train import checkpoint as ckpt_lib
 from e2e_vlp.train import mesh as mesh_lib
-from e2e_vlp.train import optimizer
 from e2e_vlp.train import sharding
 from e2e_vlp.train import state as state_lib
 from micro import micro_config
@@ -40,10 +38,8 @@ def _setup(mesh_shape: tuple[int, int, int], strategy: str):
   init = lambda rng: model.init({'params': rng, 'dropout': rng},
                                 {k: jnp.zeros(v.shape, v.dtype) for k, v in spec.items()},
                                 train=False)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = state_lib.strip_boxes(jax.eval_shape(init, jax.random.key(0)))['params']
-    tx, _ = optimizer.make_optimizer(config.optim, abstract, total_steps=10)
-    abstract_state, shardings = state_lib.state_shardings(init, tx, mesh, rules)
+  tx, _, abstract_state, shardings = state_lib.plan_train_state(init, config.optim, 10, mesh,
+                                                                 rules)
   return abstract_state, shardings, init, tx
 
 

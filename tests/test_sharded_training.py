@@ -10,7 +10,6 @@ from configs import pretrain
 from e2e_vlp.models.e2e_vlp import E2EVLP
 from e2e_vlp.tasks.pretrain import batch_shapes, pretrain_losses
 from e2e_vlp.train import mesh as mesh_lib
-from e2e_vlp.train import optimizer
 from e2e_vlp.train import sharding
 from e2e_vlp.train import state as state_lib
 
@@ -74,10 +73,8 @@ def run_steps(config, mesh_shape, strategy, batches):
                           rngs={'dropout': rng})
     return pretrain_losses(outputs, batch, config)
 
+  tx, schedule, _, shardings = state_lib.plan_train_state(init, config.optim, 10, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = state_lib.strip_boxes(jax.eval_shape(init, jax.random.key(0)))['params']
-    tx, schedule = optimizer.make_optimizer(config.optim, abstract, total_steps=10)
-    _, shardings = state_lib.state_shardings(init, tx, mesh, rules)
     state = state_lib.create_train_state(init, tx, jax.random.key(0), shardings)
     step = state_lib.jit_train_step(state_lib.make_train_step(loss_fn, tx, schedule),
                                     shardings, mesh, spec)

@@ -119,13 +119,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     shutil.copyfile(data.vocab_path, os.path.join(workdir, 'vocab.txt'))
 
   # ------------------------------------------------- abstract state, shardings, optimizer
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_params = state_lib.strip_boxes(
-        jax.eval_shape(task.init_variables, jax.random.key(0)))['params']
-    tx, schedule = optimizer_lib.make_optimizer(config.optim, abstract_params, total_steps)
-    logging.info('Optimizer groups: %s', optimizer_lib.describe_groups(config.optim,
-                                                                        abstract_params))
-    abstract_state, shardings = state_lib.state_shardings(task.init_variables, tx, mesh, rules)
+  tx, schedule, abstract_state, shardings = state_lib.plan_train_state(
+      task.init_variables, config.optim, total_steps, mesh, rules)
+  logging.info('Optimizer groups: %s', optimizer_lib.describe_groups(config.optim,
+                                                                      abstract_state.params))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   logging.info('Model: %s parameters.', f'{num_params:,}')
 
@@ -154,9 +151,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
 
   # ------------------------------------------------------------------ compiled step
   batch_spec = task.batch_spec(config.train.batch_size)
+  frozen = optimizer_lib.frozen_mask(config.optim, abstract_state.params)
   train_step = state_lib.make_train_step(
       task.loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
-      seed=config.train.seed, frozen=optimizer_lib.frozen_mask(config.optim, abstract_params))
+      seed=config.train.seed, frozen=frozen)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = state_lib.jit_train_step(train_step, shardings, mesh, batch_spec)
     t0 = time.time()

@@ -6,7 +6,7 @@ the strategy's rules. The whole state, step counter included, is created by one
 `jax.jit(init, out_shardings=...)`, so no leaf ends up on a single device.
 """
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from e2e_vlp.train import mesh as mesh_lib
+from e2e_vlp.train import optimizer as optimizer_lib
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -47,7 +48,33 @@ def split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
 def state_shardings(init_variables: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                     mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings) from the logical names of `init_variables(rng)`'s output."""
-  boxed = jax.eval_shape(init_variables, jax.random.key(0))
+  return _abstract_and_shardings(jax.eval_shape(init_variables, jax.random.key(0)), tx, mesh,
+                                 rules)
+
+
+class TrainStatePlan(NamedTuple):
+  """What a run needs before it materialises anything: the optimizer and the state's layout."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule  # the learning rate at each step, for logging
+  abstract: TrainState  # shapes and dtypes only (`jax.ShapeDtypeStruct` leaves)
+  shardings: TrainState  # `NamedSharding` per leaf
+
+
+def plan_train_state(init_variables: Callable[[jax.Array], Any], optim: Any, total_steps: int,
+                     mesh: Mesh, rules) -> TrainStatePlan:
+  """`make_optimizer(optim)` over `init_variables`' parameters and the train state's abstract
+  value and shardings under `mesh` and `rules`: the set-up shared by the training loop, the
+  benchmarks and the tests (one abstract trace of the init serves both).
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init_variables, jax.random.key(0))
+    tx, schedule = optimizer_lib.make_optimizer(optim, strip_boxes(boxed)['params'],
+                                                total_steps)
+    return TrainStatePlan(tx, schedule, *_abstract_and_shardings(boxed, tx, mesh, rules))
+
+
+def _abstract_and_shardings(boxed: Any, tx: optax.GradientTransformation, mesh: Mesh, rules
+                            ) -> tuple[TrainState, TrainState]:
   specs = nn.get_partition_spec(boxed)
   var_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
   variables = strip_boxes(boxed)
