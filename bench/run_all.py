@@ -2,7 +2,9 @@
 
 Each section runs in its own process (`run_all.py --section NAME`), so thread pools,
 memory and environment settings of one benchmark cannot leak into the next; RESULTS.md
-is rewritten after every section, so an interrupted run keeps what it measured.
+is rewritten after every section, so an interrupted run keeps what it measured. A run of
+every section replaces the file; a partial run (`--only`) appends its sections under a
+header of its own, so the tables of earlier runs stay next to the new ones.
 
 Sections: matcher (bench/matcher.py's solvers at B=64), detr (bench/detr_step.py),
 pretrain (bench/pretrain_step.py), decoding (bench/decoding.py), input
@@ -149,7 +151,10 @@ def main() -> None:
   if args.finetune:
     names.append('finetune')
   from bench import common  # noqa: PLC0415
-  header = ['# Benchmark results', ''] + common.machine_lines() + [
+  partial = bool(args.only)
+  earlier = _read(args.out) if partial else ''
+  title = '# Partial benchmark run' if partial else '# Benchmark results'
+  header = [title, ''] + common.machine_lines() + [
       f'- command: `python bench/run_all.py{" --quick" if args.quick else ""}'
       f'{" --finetune" if args.finetune else ""}{" --only " + args.only if args.only else ""}`',
       '- Every figure is a ratio against a peer measured in the same run on this machine '
@@ -167,8 +172,17 @@ def main() -> None:
     print(text + '\n', flush=True)
     parts.append(text)
     with open(args.out, 'w') as f:
-      f.write('\n\n'.join(parts) + '\n')
-  print(f'Wrote {args.out}')
+      f.write(earlier + '\n\n'.join(parts) + '\n')
+  print(f'{"Appended to" if earlier else "Wrote"} {args.out}')
+
+
+def _read(path: str) -> str:
+  """The file's text, ending in a blank line before what is appended ('' if none)."""
+  if not os.path.exists(path):
+    return ''
+  with open(path) as f:
+    text = f.read().rstrip('\n')
+  return text + '\n\n' if text else ''
 
 
 if __name__ == '__main__':

@@ -69,6 +69,40 @@ def test_pipeline_verdict_reads_the_tiny_train_row():
   assert 'not evaluated' in run_all.pipeline_verdict(table.replace('20.0 |\n', '- |\n'))
 
 
+def test_run_all_partial_run_appends_and_full_run_replaces(tmp_path, monkeypatch):
+  out = tmp_path / 'RESULTS.md'
+  out.write_text('# Benchmark results\n\nearlier table\n')
+
+  def fake_run(command):
+    name = command[command.index('--section') + 1]
+    if name == stop_at:
+      raise KeyboardInterrupt  # the run is killed while this section is measured
+    return f'## {name} table\n'
+
+  monkeypatch.setattr(run_all, '_run', fake_run)
+  stop_at = 'detr'
+  monkeypatch.setattr(sys, 'argv', ['run_all.py', '--only', 'matcher,detr', '--out', str(out)])
+  with pytest.raises(KeyboardInterrupt):
+    run_all.main()
+  text = out.read_text()  # the earlier tables and the section measured before the kill
+  assert text.startswith('# Benchmark results\n\nearlier table\n\n# Partial benchmark run\n')
+  assert '## matcher table' in text and '## detr table' not in text
+
+  stop_at = None
+  run_all.main()
+  text = out.read_text()
+  assert text.count('# Partial benchmark run') == 2 and 'earlier table' in text
+  assert text.rindex('## matcher table') < text.rindex('## detr table')
+
+  monkeypatch.setattr(sys, 'argv', ['run_all.py', '--out', str(out)])
+  run_all.main()
+  text = out.read_text()
+  assert text.startswith('# Benchmark results\n') and 'earlier table' not in text
+  assert 'Partial' not in text
+  assert [line for line in text.splitlines() if line.endswith(' table')] == [
+      f'## {name} table' for name in run_all.SECTIONS]
+
+
 def test_gpu_benchmark_uses_the_task_objective():
   # One definition serves the task and the TensorFlow-free GPU script.
   assert gpu.batch_shapes is pretrain_task.batch_shapes
