@@ -3,6 +3,9 @@
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -360,6 +363,38 @@ def test_prepare_embedded_is_idempotent(tmp_path):
   assert builders.prepare_embedded(tmp_path, **kwargs) == (data_dir, vocab)
   assert (os.path.getmtime(vocab), os.path.getmtime(os.path.join(data_dir, 'embedded'))) == stamp
   assert not [p for p in os.listdir(tmp_path / 'raw') if p.startswith('.')]  # no temp left
+
+
+_KILLED_GENERATION = """
+import os, signal, sys
+from e2e_vlp.data import builders, corpus
+write = corpus.generate
+def generate_then_die(out_dir, **kwargs):
+  write(out_dir, **kwargs)
+  os.kill(os.getpid(), signal.SIGKILL)  # killed after writing, before the rename
+corpus.generate = generate_then_die
+builders._generate_corpus_once(sys.argv[1], num_train=2, num_val=2, seed=3)
+"""
+
+
+def test_killed_corpus_generation_is_cleaned_up_by_the_next_run(tmp_path):
+  raw_dir = os.path.join(tmp_path, 'raw', 'corpus')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  killed = subprocess.run([sys.executable, '-c', _KILLED_GENERATION, raw_dir], cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root), capture_output=True)
+  assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+  [orphan] = os.listdir(tmp_path / 'raw')
+  assert orphan.startswith('.corpus.tmp-') and not os.path.exists(raw_dir)
+  # A folder of a live generation on this host, and one of another host, stay.
+  live = tmp_path / 'raw' / f'.corpus.tmp-{socket.gethostname()}-{os.getpid()}-x'
+  other_host = tmp_path / 'raw' / '.corpus.tmp-some-other-host-1-x'
+  live.mkdir()
+  other_host.mkdir()
+
+  generate_once = builders._generate_corpus_once  # pylint: disable=protected-access
+  generate_once(raw_dir, num_train=2, num_val=2, seed=3)
+  assert sorted(os.listdir(tmp_path / 'raw')) == sorted(['corpus', live.name, other_host.name])
+  assert os.path.exists(os.path.join(raw_dir, 'annotations', 'captions_train2014.json'))
 
 
 def test_eval_pipeline_seed_leaves_the_corpus_alone(tmp_path):

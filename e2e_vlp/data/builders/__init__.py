@@ -6,10 +6,12 @@ and writes TFDS shards under `data_dir/<name>[/<config>]/<version>`.
 
 import os
 import shutil
+import socket
 import tempfile
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from e2e_vlp.data import corpus, tokenizer
 from e2e_vlp.data.builders import (coco_captions, coco_instances, coco_karpathy, embedded,
@@ -61,14 +63,16 @@ def _corpus_key(num_train: int, num_val: int, seed: int, image_size: int) -> str
 def _generate_corpus_once(raw_dir: str, **kwargs: Any) -> None:
   """Generates the corpus into a temporary sibling and renames it into place.
 
-  A folder at `raw_dir` is therefore always complete; a killed run leaves only a
-  hidden `.*.tmp-*` folder behind.
+  A folder at `raw_dir` is therefore always complete. A killed run leaves its hidden
+  `.<name>.tmp-<host>-<pid>-*` folder behind; the next call on that host removes it.
   """
   if os.path.isdir(raw_dir):
     return
   parent = os.path.dirname(raw_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(raw_dir)}.tmp-')
+  name = os.path.basename(raw_dir)
+  _remove_orphaned_temps(parent, name)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}-')
   try:
     corpus.generate(tmp, **kwargs)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -78,6 +82,36 @@ def _generate_corpus_once(raw_dir: str, **kwargs: Any) -> None:
       raise
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphaned_temps(parent: str, name: str) -> int:
+  """Removes the temporary folders of `name` left by killed processes of this host.
+
+  A folder whose process still runs (a concurrent generation) or that another host made
+  (a shared file system: its process cannot be checked from here) is left alone.
+  Returns how many were removed.
+  """
+  prefix = f'.{name}.tmp-{socket.gethostname()}-'
+  removed = 0
+  for entry in os.listdir(parent):
+    pid = entry[len(prefix):].split('-', 1)[0] if entry.startswith(prefix) else ''
+    if pid.isdigit() and not _process_alive(int(pid)):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+      removed += 1
+  if removed:
+    logging.warning('Removed %d unfinished corpus folder(s) of killed runs from %s.', removed,
+                    parent)
+  return removed
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
 
 
 def prepare_embedded(cache_dir: str | os.PathLike, *, num_train: int, num_val: int, seed: int,
