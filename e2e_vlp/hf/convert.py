@@ -30,8 +30,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from e2e_vlp.models.e2e_vlp import E2EVLP
-from e2e_vlp.models.resnet import output_stride
+from e2e_vlp.models.e2e_vlp import E2EVLP, init_inputs
 
 Variables = Mapping[str, Any]  # {'params': ..., 'batch_stats': ...} of arrays or shapes
 StateDict = dict[str, np.ndarray]
@@ -203,15 +202,14 @@ def _numpy(value: Any) -> np.ndarray:
 def abstract_variables(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Shapes of every variable the model can have: pre-training, NLVR2 and (if
   `num_answers` > 0) VQA heads; {'params': ..., 'batch_stats': ...} of ShapeDtypeStructs."""
-  b = model_config.backbone
-  s = output_stride(b.stem, len(b.stage_sizes), b.dilation)
-  image = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, s, s), jnp.bool_)
+  image = jax.ShapeDtypeStruct((1, 1, 1, 3), jnp.float32)  # init_inputs sizes the images
+  mask = jax.ShapeDtypeStruct((1, 1, 1), jnp.bool_)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   token_mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
-  batch = {'image': image, 'image_mask': mask, 'text_ids': tokens, 'text_mask': token_mask,
-           'caption_in': tokens, 'caption_mask': token_mask, 'image0': image,
-           'image0_mask': mask, 'image1': image, 'image1_mask': mask}
+  batch = init_inputs(model_config, {
+      'image': image, 'image_mask': mask, 'text_ids': tokens, 'text_mask': token_mask,
+      'caption_in': tokens, 'caption_mask': token_mask, 'image0': image, 'image0_mask': mask,
+      'image1': image, 'image1_mask': mask})
   vqa = model_config.get('num_answers', 0) > 0
 
   def every_head(module: E2EVLP, batch):
