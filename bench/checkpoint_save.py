@@ -87,6 +87,7 @@ def main() -> None:
   import numpy as np  # noqa: PLC0415
 
   from bench import common  # noqa: PLC0415
+  load = common.host_load()
   results = {name: [] for name in SIDES}
   for _ in range(args.rounds):  # alternate sides, so host drift hits both
     for name, min_bytes in SIDES.items():
@@ -103,7 +104,7 @@ def main() -> None:
   print('\n'.join([
       f'## Checkpoint save, `{args.config}` TrainState ({sample["arrays"]} arrays, '
       f'{sample["mib"]:.1f} MiB) replicated over {sample["devices"]} host devices', '',
-      common.load_note(), '',
+      common.load_note(load), '',
       common.markdown_table(('orbax array handler', 'first save s (vs default)',
                              'later saves s (vs default)', 'restore s'), rows), '',
       f'Medians over {args.rounds} fresh processes per side (interleaved), '

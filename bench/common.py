@@ -169,9 +169,15 @@ def machine_lines() -> list[str]:
   ]
 
 
-def load_note() -> str:
-  """The caveat every CPU table carries when the host is shared."""
-  load = os.getloadavg()[0]
+def host_load() -> float:
+  """The 1-minute load average. Read it before a table's measurements: they raise it
+  themselves (a benchmark on 2 cores ends near load 2)."""
+  return os.getloadavg()[0]
+
+
+def load_note(load: float) -> str:
+  """The caveat every CPU table carries when the host is shared; `load` from `host_load()`
+  before the table's measurements."""
   cores = os.cpu_count() or 1
   if load <= 0.5 * cores:
     return f'Host load average {load:.1f} on {cores} cores at the start of this table.'

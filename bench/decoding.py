@@ -71,6 +71,7 @@ def run(quick: bool = False, repeats: int | None = None,
   """Markdown section: ms per batch and tokens/s of each decoder; each search with the KV
   cache against the same search without it."""
   reps = repeats or (3 if quick else 10)
+  load = common.host_load()
   rows = []
   for name in variants or (('tiny',) if quick else ('tiny', 'base')):
     setting = SETTINGS[name]
@@ -101,7 +102,7 @@ def run(quick: bool = False, repeats: int | None = None,
                    f'{uncached_ms / value:.2f}x'))
   return '\n'.join([
       '## Caption decoding: KV cache vs none, greedy and beam search', '',
-      common.load_note(), '',
+      common.load_note(load), '',
       common.markdown_table(('model', 'images, length', 'decoder', 'ms/batch', 'tokens/s',
                              'speed-up vs the same search, no cache'), rows), '',
       'Cached tokens equal the uncached ones, greedy and beam (checked). Every caption runs '

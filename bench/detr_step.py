@@ -292,6 +292,7 @@ def run(quick: bool = False, repeats: int | None = None,
         shapes: tuple[str, ...] = ('tiny', 'r50')) -> str:
   """Markdown section: ms per step of every variant and of HF, and their ratios."""
   import torch  # noqa: PLC0415
+  load = common.host_load()
   threads = os.cpu_count() or 1
   torch.set_num_threads(threads)
   default_reps = {'tiny': 3 if quick else 10, 'r50': 2 if quick else 3}
@@ -300,7 +301,7 @@ def run(quick: bool = False, repeats: int | None = None,
       {'HF DETR (PyTorch float32)': hf_step}, {k: repeats or default_reps[k] for k in shapes})
   return '\n'.join([
       '## DETR training step: ours vs Hugging Face DetrForObjectDetection (PyTorch)', '',
-      common.load_note(), '', common.markdown_table(HEADERS, rows), '',
+      common.load_note(load), '', common.markdown_table(HEADERS, rows), '',
       f'Shapes: {"; ".join(f"{k}: {SHAPES[k]}" for k in shapes)}.',
       f'Peers interleaved, median after one warm-up step. PyTorch: {threads} threads, '
       f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")} (see the module doc).',

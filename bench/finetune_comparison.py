@@ -92,6 +92,7 @@ def main() -> None:
   logging.set_verbosity(logging.WARNING)
 
   print('\n'.join(common.machine_lines()))
+  load = common.host_load()
   rows = []
   for name, weights in VARIANTS.items():
     start = time.time()
@@ -120,7 +121,7 @@ def main() -> None:
   print(common.markdown_table(
       ['pre-training', 'pre-train steps', 'VQA steps', 'VQA accuracy', 'per answer type',
        'minutes'], rows))
-  print(common.load_note())
+  print(common.load_note(load))
 
 
 if __name__ == '__main__':

@@ -199,6 +199,7 @@ def run(quick: bool = False, repeats: int | None = None,
         title: str = 'Pre-training step (all four losses) vs the float32 matmul peak') -> str:
   """Markdown section: compile s, ms/step, examples/s, GFLOP/s and the fraction of peak."""
   reps = repeats or (2 if quick else 5)
+  load = common.host_load()
   a = jax.random.normal(jax.random.key(0), (matmul_n, matmul_n), matmul_dtype)
   matmul = jax.jit(jnp.matmul)
   rows, verdicts = [], []
@@ -231,7 +232,7 @@ def run(quick: bool = False, repeats: int | None = None,
                                          runner.step.compile_cpu_s, TARGET_COMPILE_S,
                                          at_most=True, unit=' s'))
     del runner
-  lines = [f'## {title}', '', common.load_note(), '', common.markdown_table(
+  lines = [f'## {title}', '', common.load_note(load), '', common.markdown_table(
       ('config', 'batch', 'params M', 'compile s (wall / CPU)', 'ms/step', 'examples/s',
        'GFLOP/step', 'GFLOP/s', f'matmul {matmul_n}^3 {jnp.dtype(matmul_dtype).name} GFLOP/s',
        'fraction of peak'), rows), '',

@@ -37,6 +37,7 @@ def matcher_section(quick: bool) -> str:
   from bench import matcher  # noqa: PLC0415
   from e2e_vlp.losses import matching  # noqa: PLC0415
 
+  load = common.host_load()
   sizes = (MATCHER_TARGET_SIZE,) if quick else tuple(matcher.SIZES)
   if MATCHER_TARGET_SIZE not in sizes:
     sizes += (MATCHER_TARGET_SIZE,)
@@ -69,7 +70,7 @@ def matcher_section(quick: bool) -> str:
   headers = ['solver'] + [f'{q}x{m} ms (vs scipy loop)' for q, m in sizes]
   return '\n'.join([
       f'## Hungarian matcher, batch {MATCHER_BATCH} (bench/matcher.py solvers)', '',
-      common.load_note(), '',
+      common.load_note(load), '',
       common.markdown_table(headers, [[name] + c for name, c in cells.items()]), '',
       f'Median of {repeats} interleaved runs after warm-up; all solvers found the same total '
       'cost on every example.', ''] + verdicts)
@@ -96,9 +97,10 @@ def input_section(quick: bool) -> str:
   """bench/input_pipeline.py's table and the pipeline-vs-consumption target at tiny."""
   from bench import common  # noqa: PLC0415
   command = [sys.executable, os.path.join(BENCH, 'input_pipeline.py')]
+  load = common.host_load()
   out = _run(command + (['--quick'] if quick else [])).strip()
   return '\n'.join(['## Input pipeline vs the training step (bench/input_pipeline.py)', '',
-                    common.load_note(), '', out, '', pipeline_verdict(out)])
+                    common.load_note(load), '', out, '', pipeline_verdict(out)])
 
 
 def finetune_section(quick: bool) -> str:
