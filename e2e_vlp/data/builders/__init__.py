@@ -70,9 +70,9 @@ def _generate_corpus_once(raw_dir: str, **kwargs: Any) -> None:
     return
   parent = os.path.dirname(raw_dir)
   os.makedirs(parent, exist_ok=True)
-  name = os.path.basename(raw_dir)
-  _remove_orphaned_temps(parent, name)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{name}.tmp-{socket.gethostname()}-{os.getpid()}-')
+  prefix = _temp_prefix(os.path.basename(raw_dir))
+  _remove_orphaned_temps(parent, prefix)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f'{prefix}{os.getpid()}-')
   try:
     corpus.generate(tmp, **kwargs)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
@@ -84,14 +84,17 @@ def _generate_corpus_once(raw_dir: str, **kwargs: Any) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove_orphaned_temps(parent: str, name: str) -> int:
-  """Removes the temporary folders of `name` left by killed processes of this host.
+def _temp_prefix(name: str) -> str:
+  """This host's prefix for the temporary siblings of folder `name`; the pid follows."""
+  return f'.{name}.tmp-{socket.gethostname()}-'
+
+
+def _remove_orphaned_temps(parent: str, prefix: str) -> None:
+  """Removes the folders `<prefix><pid>-*` in `parent` whose process is gone.
 
   A folder whose process still runs (a concurrent generation) or that another host made
   (a shared file system: its process cannot be checked from here) is left alone.
-  Returns how many were removed.
   """
-  prefix = f'.{name}.tmp-{socket.gethostname()}-'
   removed = 0
   for entry in os.listdir(parent):
     pid = entry[len(prefix):].split('-', 1)[0] if entry.startswith(prefix) else ''
@@ -101,7 +104,6 @@ def _remove_orphaned_temps(parent: str, name: str) -> int:
   if removed:
     logging.warning('Removed %d unfinished corpus folder(s) of killed runs from %s.', removed,
                     parent)
-  return removed
 
 
 def _process_alive(pid: int) -> bool:
@@ -110,7 +112,7 @@ def _process_alive(pid: int) -> bool:
   except ProcessLookupError:
     return False
   except PermissionError:  # another user's process
-    return True
+    pass
   return True
 
 
