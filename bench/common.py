@@ -157,7 +157,8 @@ def cpu_model() -> str:
 
 
 def machine_lines() -> list[str]:
-  """The host and the moment: CPU, cores, load average, accelerator, versions, date."""
+  """The host and the moment: CPU, cores, load average, accelerator, versions, date, and
+  glibc's malloc tunables."""
   load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
   device = jax.devices()[0]
   return [
@@ -166,6 +167,8 @@ def machine_lines() -> list[str]:
       f'{load}',
       f'- JAX {jax.__version__}, backend {jax.default_backend()} ({device.device_kind}), '
       f'{jax.device_count()} device(s)',
+      f'- GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r} (the launch scripts add '
+      "glibc.malloc.hugetlb=1, e2e_vlp/host_memory.py; the benchmarks don't: README)",
   ]
 
 

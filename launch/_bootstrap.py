@@ -1,4 +1,7 @@
-"""Makes `import e2e_vlp` / `import configs` work from a checkout and quiets TensorFlow.
+"""Makes `import e2e_vlp` / `import configs` work from a checkout, quiets TensorFlow and
+puts glibc's malloc on transparent huge pages (`e2e_vlp.host_memory`: a launch script run
+as the program re-executes itself once with `GLIBC_TUNABLES`;
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` keeps the system's setting).
 
 Imported first by every launch script; it must run before jax or tensorflow is imported.
 """
@@ -9,6 +12,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+from e2e_vlp import host_memory  # pylint: disable=g-import-not-at-top
+
+# Only a launch script run as the program re-executes: not pytest or a notebook importing one.
+_MAIN_FILE = getattr(sys.modules.get('__main__'), '__file__', None) or ''
+if os.path.dirname(os.path.abspath(_MAIN_FILE)) == os.path.dirname(os.path.abspath(__file__)):
+  host_memory.reexec_with_huge_pages()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
