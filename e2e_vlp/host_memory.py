@@ -6,12 +6,14 @@ and unmaps it when freed, so the kernel faults in and zeroes fresh 4 KiB pages e
 about 243k minor faults per DETR training step at the r50 shape (about 1 GB). With the
 tunable `glibc.malloc.hugetlb=1`, malloc marks its mappings for transparent huge pages
 (the kernel's default THP mode, 'madvise', honours only marked ones), and the same step
-takes 1-3k faults. Measured figures are in the README ("Benchmarks").
+takes 1-4k faults. Measured figures are in the README ("Benchmarks").
 
-glibc reads its tunables once, when the program starts, so the launch scripts and the
-benchmarks re-execute themselves with the tunable added (`reexec_with_huge_pages`, first
-thing, before any heavy import). A `GLIBC_TUNABLES` that already names the tunable is
-left alone: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns this off.
+glibc reads its tunables once, when the program starts, so a launch script run as the
+program re-executes itself with the tunable added (`launch/_bootstrap.py` calls
+`reexec_with_huge_pages` first thing, before any heavy import). The benchmarks do not: with
+PyTorch's step interleaved in the same process, ours got slower on huge pages (README). A
+`GLIBC_TUNABLES` that already names the tunable is left alone:
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns this off.
 """
 
 import os

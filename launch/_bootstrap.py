@@ -9,14 +9,16 @@ Imported first by every launch script; it must run before jax or tensorflow is i
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(LAUNCH)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 from e2e_vlp import host_memory  # pylint: disable=g-import-not-at-top
 
-# Only a launch script run as the program re-executes: not pytest or a notebook importing one.
-_MAIN_FILE = getattr(sys.modules.get('__main__'), '__file__', None) or ''
-if os.path.dirname(os.path.abspath(_MAIN_FILE)) == os.path.dirname(os.path.abspath(__file__)):
+# Only a launch script run as the program re-executes: not pytest or a notebook importing one
+# (their __main__ lives elsewhere or, like `python -c`, has no file).
+_MAIN_FILE = getattr(sys.modules.get('__main__'), '__file__', None)
+if _MAIN_FILE and os.path.dirname(os.path.abspath(_MAIN_FILE)) == LAUNCH:
   host_memory.reexec_with_huge_pages()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')

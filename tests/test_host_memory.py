@@ -66,6 +66,10 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
   assert host_memory.thp_mode(str(tmp_path / 'missing')) is None
 
 
+def _without_tunables() -> dict[str, str]:
+  return {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+
+
 def _churn(tmp_path, env: dict[str, str]) -> dict:
   """Runs _CHURN as a script next to a copy of launch/_bootstrap.py, as launch/ holds them."""
   launch = tmp_path / 'launch'
@@ -83,8 +87,8 @@ def test_importing_a_launch_script_does_not_reexecute():
   re-executes."""
   code = ('import os, sys; sys.path.insert(0, sys.argv[1]); import _bootstrap; '
           'print(os.environ.get("GLIBC_TUNABLES"))')
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  result = subprocess.run([sys.executable, '-c', code, os.path.join(ROOT, 'launch')], env=env,
+  result = subprocess.run([sys.executable, '-c', code, os.path.join(ROOT, 'launch')],
+                          env=_without_tunables(),
                           capture_output=True, text=True, timeout=60, check=True)
   assert result.stdout.strip() == 'None'
 
@@ -92,7 +96,7 @@ def test_importing_a_launch_script_does_not_reexecute():
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc' or host_memory.thp_mode() != 'madvise',
                     reason="needs glibc and the kernel's THP mode 'madvise'")
 def test_launch_script_reexecutes_onto_huge_pages(tmp_path):
-  base = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  base = _without_tunables()
   small_pages = 128 * MIB // os.sysconf('SC_PAGE_SIZE')
   on = _churn(tmp_path, base)
   off = _churn(tmp_path, {**base, 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
