@@ -21,7 +21,9 @@ faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
 1x1 convs as matrix products (`pointwise_conv='dot'`, the `base` config's) or as XLA
 convolutions ('1x1 as conv', to show what 'dot' saves), and which operations XLA:CPU hands to
 YNNPACK (`config.train.cpu_ynn_fusion_types`: the config's dots only; 'YNNPACK default',
-XLA's choice, its convolutions too; 'YNNPACK off', none).
+XLA's choice, its convolutions too; 'YNNPACK off', none), and the backbone's ReLU outputs
+made to be stored once (`relu='materialized'`, the `base` config's) or left to XLA to
+recompute inside the kernel gradients' transposes ('ReLU plain').
 The project's step skips the frozen parameters' backward pass (`make_train_step(frozen=)`,
 like PyTorch's requires_grad=False); the 'frozen grads computed' variant passes no mask,
 as the step did before, to show what that saves.
@@ -103,6 +105,7 @@ class Variant:
   # config.train.cpu_ynn_fusion_types ('default': XLA's, YNNPACK convolutions too); None
   # keeps the config's.
   ynn_fusion_types: str | None = None
+  relu: str = ''  # config.model.backbone.relu; '' keeps the config's
 
   @property
   def name(self) -> str:
@@ -111,6 +114,7 @@ class Variant:
     extra += f', 1x1 as {self.pointwise_conv}' if self.pointwise_conv else ''
     if self.ynn_fusion_types is not None:
       extra += f', YNNPACK {self.ynn_fusion_types or "off"}'
+    extra += f', ReLU {self.relu}' if self.relu else ''
     return f'ours {self.dtype}, {self.matcher}{extra}'
 
 
@@ -124,6 +128,8 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
     m.backbone.update(common.STEM_FORMS['cpu'])
   if variant.pointwise_conv:
     m.backbone.pointwise_conv = variant.pointwise_conv
+  if variant.relu:
+    m.backbone.relu = variant.relu
   m.update(dtype=variant.dtype, d_model=shape.d_model, num_heads=shape.heads,
            mlp_dim=shape.ffn, encoder_layers=shape.layers, decoder_layers=shape.layers,
            num_queries=shape.queries, num_classes=NUM_CLASSES, num_attributes=1,
@@ -249,7 +255,8 @@ HfPeers = dict[str, Callable[[Any, dict[str, np.ndarray]], Callable[[], Any]]]
 def variants_for(shape_name: str, quick: bool) -> list[Variant]:
   default, computed = Variant(), Variant(frozen_grads=True)
   forms = [Variant(cpu_stem=True), Variant(pointwise_conv='conv'),
-           Variant(ynn_fusion_types='default'), Variant(ynn_fusion_types='')]
+           Variant(ynn_fusion_types='default'), Variant(ynn_fusion_types=''),
+           Variant(relu='plain')]
   if quick:
     return [default, computed] + forms
   return [default, computed] + forms + [Variant(matcher='scipy'), Variant(dtype='bfloat16')]

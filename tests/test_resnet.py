@@ -132,11 +132,11 @@ def _randomize_bn(model: tnn.Module):
       m.running_var.data = 0.5 + torch.rand(c, generator=gen)
 
 
-XLA_FORMS = ('conv', 'reduce_window', 'conv')
-CPU_FORMS = ('row_fold', 'unrolled', 'dot')
+XLA_FORMS = ('conv', 'reduce_window', 'conv', 'plain')
+CPU_FORMS = ('row_fold', 'unrolled', 'dot', 'materialized')
 CASES = [
     # block, stage_sizes, width, stem, dilation, frozen_bn, train,
-    # (stem_conv, max_pool, pointwise_conv)
+    # (stem_conv, max_pool, pointwise_conv, relu)
     ('basic', (2, 1, 1, 1), 8, 'small', False, True, False, XLA_FORMS),
     ('bottleneck', (1, 2, 2), 4, 'imagenet', True, True, False, XLA_FORMS),
     ('basic', (1, 2), 8, 'small', False, False, True, XLA_FORMS),  # trainable BN, batch stats
@@ -157,7 +157,8 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train, im
 
   model = resnet.ResNet(block=block, stage_sizes=stages, width=width, stem=stem,
                         dilation=dilation, norm='frozen_bn' if frozen else 'batch_norm',
-                        stem_conv=impl[0], max_pool=impl[1], pointwise_conv=impl[2])
+                        stem_conv=impl[0], max_pool=impl[1], pointwise_conv=impl[2],
+                        relu=impl[3])
   variables = torch_to_flax(ref.state_dict(), frozen)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), image))
   assert jax.tree.map(lambda x: x.shape, variables) == jax.tree.map(lambda x: x.shape, abstract)
@@ -171,7 +172,8 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train, im
 
 
 def test_cpu_forms_gradients_match_pytorch():
-  """'row_fold' + 'unrolled' + 'dot' back-propagate as torch's convs and max-pool do, to
+  """'row_fold' + 'unrolled' + 'dot' + 'materialized' back-propagate as torch's convs,
+  max-pool and ReLU do, to
   every kernel and to the image. Odd sizes: the folded rows, the pool's padding and the
   strided 1x1 shortcut must line up; the bottleneck's 1x1 convs both widen and narrow, so
   `_channel_product`'s gradient runs in both of its orientations."""
@@ -187,7 +189,8 @@ def test_cpu_forms_gradients_match_pytorch():
   (out * torch.from_numpy(weights.transpose(0, 3, 1, 2))).sum().backward()
 
   model = resnet.ResNet(block='bottleneck', stage_sizes=(1, 1), width=4, stem='imagenet',
-                        stem_conv='row_fold', max_pool='unrolled', pointwise_conv='dot')
+                        stem_conv='row_fold', max_pool='unrolled', pointwise_conv='dot',
+                        relu='materialized')
   variables = torch_to_flax(ref.state_dict(), True)
 
   def loss(params, image):
@@ -205,7 +208,32 @@ def test_cpu_forms_gradients_match_pytorch():
                              torch_image.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('field', ['stem_conv', 'max_pool', 'pointwise_conv'])
+def test_materialized_is_the_identity_bit_for_bit_with_the_identity_gradient():
+  """Normal floats of every magnitude (and -0, the largest float) come back as the same
+  bits, in float32 and bfloat16; after a ReLU, subnormals too (XLA:CPU flushes them to zero
+  in any arithmetic, `nn.relu` included); the gradient passes through unchanged."""
+  info = np.finfo(np.float32)
+  special = np.array([0.0, -0.0, 1.0, -2.5, info.tiny, -info.tiny, info.max, -info.max],
+                     np.float32)
+  normal = np.concatenate([special, np.random.default_rng(0).normal(size=64).astype(
+      np.float32) * 10.0 ** np.arange(-32, 32).astype(np.float32)])
+  subnormal = np.array([info.tiny / 8, -info.tiny / 3, 7.0e-45], np.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x = jnp.asarray(normal, dtype)
+    x = x[jnp.isfinite(x)]  # float32's largest rounds to inf in bfloat16
+    got = jax.jit(resnet.materialized)(x)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(x).view(np.uint8))
+  everything = jnp.asarray(np.concatenate([normal, subnormal]))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda x: resnet.materialized(nn.relu(x)))(everything)).view(np.uint8),
+      np.asarray(jax.jit(nn.relu)(everything)).view(np.uint8))
+  weights = np.random.default_rng(1).normal(size=normal.shape).astype(np.float32)
+  grad = jax.grad(lambda x: jnp.sum(resnet.materialized(x) * weights))(jnp.asarray(normal))
+  np.testing.assert_array_equal(np.asarray(grad), weights)
+
+
+@pytest.mark.parametrize('field', ['stem_conv', 'max_pool', 'pointwise_conv', 'relu'])
 def test_unknown_implementation_is_named(field):
   model = resnet.ResNet(block='basic', stage_sizes=(1,), width=4, **{field: 'avg'})
   with pytest.raises(ValueError, match=f'backbone.{field}'):

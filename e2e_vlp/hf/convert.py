@@ -311,7 +311,7 @@ _MODEL_FIELDS = ('vocab_size', 'd_model', 'num_heads', 'mlp_dim', 'encoder_layer
 _BACKBONE_FIELDS = ('block', 'stage_sizes', 'width', 'stem', 'dilation', 'norm')
 # How the JAX model computes, not what: the PyTorch mirror runs float32 without remat.
 _COMPUTE_ONLY = ('dtype', 'remat')
-_BACKBONE_COMPUTE_ONLY = ('stem_conv', 'max_pool', 'pointwise_conv')
+_BACKBONE_COMPUTE_ONLY = ('stem_conv', 'max_pool', 'pointwise_conv', 'relu')
 
 
 def check_known_fields(model_config: ml_collections.ConfigDict):

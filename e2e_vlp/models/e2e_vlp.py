@@ -135,7 +135,8 @@ class E2EVLP(nn.Module):
     self.backbone = ResNet(block=b.block, stage_sizes=tuple(b.stage_sizes), width=b.width,
                            stem=b.stem, dilation=b.dilation, norm=b.norm,
                            stem_conv=b.stem_conv, max_pool=b.max_pool,
-                           pointwise_conv=b.pointwise_conv, dtype=dtype)
+                           pointwise_conv=b.pointwise_conv, relu=b.relu,
+                           dtype=dtype)
     eps = c.layer_norm_eps
     self.embeddings = TextEmbeddings(c.vocab_size, c.max_text_len, c.type_vocab_size,
                                      c.d_model, eps, c.dropout, dtype)
