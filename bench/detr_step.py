@@ -319,7 +319,7 @@ def run(quick: bool = False, repeats: int | None = None,
       '## DETR training step: ours vs Hugging Face DetrForObjectDetection (PyTorch)', '',
       common.load_note(load), '', common.markdown_table(HEADERS, rows), '',
       f'Shapes: {"; ".join(f"{k}: {SHAPES[k]}" for k in shapes)}.',
-      f'Peers interleaved, medians after {", ".join(f"{WARMUP[k]} ({k})" for k in shapes)} '
+      f'Peers interleaved, medians after {", ".join(f"{WARMUP.get(k, 1)} ({k})" for k in shapes)} '
       f'warm-up rounds. PyTorch: {threads} threads, '
       f'OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")} (see the module doc).',
       ''] + verdicts)
