@@ -39,7 +39,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # gradients transpose stored activations instead of recomputing BatchNorm + ReLU inside
   # slow fused transposes (XLA:CPU: r50 DETR step 1.5-10% faster, pre-training 2.7%; the
   # same function, kernel gradients rounded apart by ~1e-9).
-  # 'plain': `nn.relu` alone. e2e_vlp/models/resnet.py `materialized`.
+  # 'plain': `nn.relu` alone (also what 'materialized' is off the CPU backend).
+  # e2e_vlp/models/resnet.py `materialized`.
   b.relu = 'materialized'
 
   if variant == 'tiny':

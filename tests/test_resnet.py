@@ -173,10 +173,9 @@ def test_matches_pytorch(block, stages, width, stem, dilation, frozen, train, im
 
 def test_cpu_forms_gradients_match_pytorch():
   """'row_fold' + 'unrolled' + 'dot' + 'materialized' back-propagate as torch's convs,
-  max-pool and ReLU do, to
-  every kernel and to the image. Odd sizes: the folded rows, the pool's padding and the
-  strided 1x1 shortcut must line up; the bottleneck's 1x1 convs both widen and narrow, so
-  `_channel_product`'s gradient runs in both of its orientations."""
+  max-pool and ReLU do, to every kernel and to the image. Odd sizes: the folded rows, the
+  pool's padding and the strided 1x1 shortcut must line up; the bottleneck's 1x1 convs both
+  widen and narrow, so `_channel_product`'s gradient runs in both of its orientations."""
   torch.manual_seed(0)
   ref = TorchResNet('bottleneck', (1, 1), 4, 'imagenet', False)
   _randomize_bn(ref)
@@ -231,6 +230,17 @@ def test_materialized_is_the_identity_bit_for_bit_with_the_identity_gradient():
   weights = np.random.default_rng(1).normal(size=normal.shape).astype(np.float32)
   grad = jax.grad(lambda x: jnp.sum(resnet.materialized(x) * weights))(jnp.asarray(normal))
   np.testing.assert_array_equal(np.asarray(grad), weights)
+
+
+@pytest.mark.parametrize('backend,divides', [('cpu', True), ('gpu', False), ('tpu', False)])
+def test_materialized_relu_only_on_the_cpu_backend(monkeypatch, backend, divides):
+  """The XLA:CPU work-around (a divide per ReLU output) stays out of GPU and TPU graphs."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  model = resnet.ResNet(block='basic', stage_sizes=(1,), width=4, relu='materialized')
+  image = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), image)
+  jaxpr = str(jax.make_jaxpr(model.apply)(variables, image))
+  assert ('div ' in jaxpr) == divides
 
 
 @pytest.mark.parametrize('field', ['stem_conv', 'max_pool', 'pointwise_conv', 'relu'])

@@ -147,10 +147,12 @@ materialized.defvjp(lambda y: (materialized(y), None), lambda _, g: (g,))
 
 
 def _relu(form: str):
-  if form == 'plain':
-    return nn.relu
-  if form != 'materialized':
+  """The ReLU of `form`; 'materialized' only on the CPU backend, whose fusion it works
+  around (GPU and TPU fuse otherwise, and it was not measured there)."""
+  if form not in RELUS:
     raise ValueError(f'config.model.backbone.relu={form!r}; use one of {RELUS}.')
+  if form == 'plain' or jax.default_backend() != 'cpu':
+    return nn.relu
   return lambda x: materialized(nn.relu(x))
 
 
@@ -329,8 +331,9 @@ class ResNet(nn.Module):
       (`unrolled_max_pool`). The same function up to the gradient at exact ties.
     pointwise_conv: how the blocks' 1x1 convs are computed: 'conv' (XLA's convolution) or
       'dot' (`PointwiseConv`). The same function and parameters; only the speed differs.
-    relu: 'plain' (`nn.relu`) or 'materialized' (followed by `materialized`, so XLA:CPU
-      transposes stored activations for the kernel gradients). Only the speed differs.
+    relu: 'plain' (`nn.relu`) or 'materialized' (followed by `materialized` on the CPU
+      backend, so XLA:CPU transposes stored activations for the kernel gradients; `nn.relu`
+      elsewhere). Only the speed differs.
   """
   block: str = 'bottleneck'
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
