@@ -23,7 +23,9 @@ convolutions ('1x1 as conv', to show what 'dot' saves), and which operations XLA
 YNNPACK (`config.train.cpu_ynn_fusion_types`: the config's dots only; 'YNNPACK default',
 XLA's choice, its convolutions too; 'YNNPACK off', none), and the backbone's ReLU outputs
 made to be stored once (`relu='materialized'`, the `base` config's) or left to XLA to
-recompute inside the kernel gradients' transposes ('ReLU plain').
+recompute inside the kernel gradients' transposes ('ReLU plain'), and the AdamW update
+in the form XLA:CPU runs in place (`optim.fused_update`, the `base` config's) or as the
+optax chain ('optax chain AdamW').
 The project's step skips the frozen parameters' backward pass (`make_train_step(frozen=)`,
 like PyTorch's requires_grad=False); the 'frozen grads computed' variant passes no mask,
 as the step did before, to show what that saves.
@@ -106,6 +108,7 @@ class Variant:
   # keeps the config's.
   ynn_fusion_types: str | None = None
   relu: str = ''  # config.model.backbone.relu; '' keeps the config's
+  fused_update: bool | None = None  # config.optim.fused_update; None keeps the config's
 
   @property
   def name(self) -> str:
@@ -115,6 +118,8 @@ class Variant:
     if self.ynn_fusion_types is not None:
       extra += f', YNNPACK {self.ynn_fusion_types or "off"}'
     extra += f', ReLU {self.relu}' if self.relu else ''
+    if self.fused_update is not None:
+      extra += ', fused AdamW' if self.fused_update else ', optax chain AdamW'
     return f'ours {self.dtype}, {self.matcher}{extra}'
 
 
@@ -140,6 +145,8 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
     config.train.cpu_ynn_fusion_types = variant.ynn_fusion_types
   config.optim.update(lr=1e-4, weight_decay=1e-4, clip_norm=0.1, warmup_steps=0,
                       schedule='constant', lr_mults=(('backbone/.*', 0.1),), frozen=FROZEN)
+  if variant.fused_update is not None:
+    config.optim.fused_update = variant.fused_update
   return config
 
 
@@ -256,7 +263,7 @@ def variants_for(shape_name: str, quick: bool) -> list[Variant]:
   default, computed = Variant(), Variant(frozen_grads=True)
   forms = [Variant(cpu_stem=True), Variant(pointwise_conv='conv'),
            Variant(ynn_fusion_types='default'), Variant(ynn_fusion_types=''),
-           Variant(relu='plain')]
+           Variant(relu='plain'), Variant(fused_update=False)]
   if quick:
     return [default, computed] + forms
   return [default, computed] + forms + [Variant(matcher='scipy'), Variant(dtype='bfloat16')]

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2e_vlp.materialize import materialized
 from e2e_vlp.models import layers
 
 BLOCKS = ('basic', 'bottleneck')
@@ -125,25 +126,6 @@ def _channel_product_bwd(residuals, g):
 
 
 _channel_product.defvjp(_channel_product_fwd, _channel_product_bwd)
-
-
-@jax.custom_vjp
-def materialized(y: jnp.ndarray) -> jnp.ndarray:
-  """The identity (exact for finite y; +-inf becomes NaN), in a form XLA computes only once.
-
-  A convolution's kernel gradient reads its input transposed. XLA:CPU does not read the
-  ReLU output it stored in the forward pass for that: it fuses the BatchNorm and ReLU that
-  made it into the transpose, whose per-channel broadcasts make it several times slower
-  than a plain transpose. XLA duplicates only cheap operations into a consumer; a divide is
-  not cheap, so `y / (1 + 0 y)` makes it keep y and transpose that (in interleaved A/Bs on
-  2 cores: the r50 DETR step 1.5-10% faster, the `tiny` and `base` pre-training steps 2.7%;
-  README "Benchmarks"). The gradient is the identity's; XLA may sum a kernel gradient in
-  another order (1e-9 apart after 3 `tiny` steps).
-  """
-  return y / (1 + 0 * y)
-
-
-materialized.defvjp(lambda y: (materialized(y), None), lambda _, g: (g,))
 
 
 def _relu(form: str):

@@ -54,7 +54,7 @@ def state_shardings(init_variables: Callable[[jax.Array], Any], tx: optax.Gradie
 
 class TrainStatePlan(NamedTuple):
   """What a run needs before it materialises anything: the optimizer and the state's layout."""
-  tx: optax.GradientTransformation
+  tx: optimizer_lib.GuardedTransformation
   schedule: optax.Schedule  # the learning rate at each step, for logging
   abstract: TrainState  # shapes and dtypes only (`jax.ShapeDtypeStruct` leaves)
   shardings: TrainState  # `NamedSharding` per leaf
@@ -121,15 +121,17 @@ def _stop_frozen_gradients(loss_fn: LossFn, frozen: Any) -> LossFn:
   return wrapped
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: LossFn, tx: optimizer_lib.GuardedTransformation,
                     schedule: optax.Schedule, *, grad_accum_steps: int = 1,
                     seed: int = 0, frozen: Any = None
                     ) -> Callable[[TrainState, dict[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """`step(state, batch) -> (state, metrics)`; jit it with the state's shardings.
 
-  `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. The dropout key is derived
-  from the seed and the step, so a resumed run draws exactly the same randomness. A step
+  `loss_fn(params, constants, batch, rng) -> (loss, metrics)`. `tx` (from
+  `optimizer.make_optimizer`, or any optax transformation wrapped by
+  `optimizer.keep_state_unless_finite`) takes `finite=` in its update. The dropout key is
+  derived from the seed and the step, so a resumed run draws exactly the same randomness. A step
   whose loss or gradients are not finite leaves parameters and optimizer state unchanged
   and increments `state.skipped`.
 
@@ -139,6 +141,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   frozen ResNet stem and stage 1. Their gradients are exact zeros, so they no longer count
   in the `grad_norm` metric or its finiteness check (the optimizer ignored them already).
   """
+  if not isinstance(tx, optimizer_lib.GuardedTransformation):
+    raise TypeError(f'make_train_step got a {type(tx).__name__}; it needs an optimizer whose '
+                    'update takes finite= (the non-finite guard): optimizer.make_optimizer, '
+                    'or wrap it in optimizer.keep_state_unless_finite.')
   base_key = jax.random.key(seed)
   if frozen is not None:
     loss_fn = _stop_frozen_gradients(loss_fn, frozen)
@@ -166,13 +172,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     (loss, metrics), grads = compute_grads(state.params, state.constants, batch, rng)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    # The optimizer keeps its own state where not `finite` (optimizer.make_optimizer).
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params, finite=finite)
     new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        params=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, state.params),
+        opt_state=new_opt_state,
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                    learning_rate=schedule(state.step), nonfinite=(~finite).astype(jnp.int32))

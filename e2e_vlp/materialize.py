@@ -1,0 +1,28 @@
+"""An identity XLA computes once: the work-around for XLA:CPU recomputing cheap values.
+
+XLA duplicates a cheap elementwise producer into each of its consumers instead of storing
+its result. On XLA:CPU, which has no multi-output loop fusion, that costs twice:
+- a convolution's kernel gradient reads its input transposed, and XLA fuses the BatchNorm
+  and ReLU that made that input into the transpose, whose per-channel broadcasts make it
+  several times slower than a plain transpose (`resnet`'s `relu='materialized'`);
+- an optimizer update writes parameters and moments from one fused step; each output's
+  fusion recomputes the new moments from the old ones, so the old ones must survive the
+  in-place writes and XLA copies them first (`optim.fused_update`).
+A divide is not cheap, so `y / (1 + 0 y)` makes XLA keep y and read the stored buffer.
+Both uses apply it on the CPU backend only: GPU and TPU fuse otherwise, and it was not
+measured there. Measurements: README "Benchmarks".
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def materialized(y: jnp.ndarray) -> jnp.ndarray:
+  """The identity (exact for finite y; +-inf becomes NaN), stored once by XLA; its gradient
+  is the identity's (XLA may sum a kernel gradient in another order: 1e-9 apart after 3
+  `tiny` steps)."""
+  return y / (1 + 0 * y)
+
+
+materialized.defvjp(lambda y: (materialized(y), None), lambda _, g: (g,))
