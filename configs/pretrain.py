@@ -40,7 +40,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
   # slow fused transposes (XLA:CPU: r50 DETR step 1.5-10% faster, pre-training 2.7%; the
   # same function, kernel gradients rounded apart by ~1e-9).
   # 'plain': `nn.relu` alone (also what 'materialized' is off the CPU backend).
-  # e2e_vlp/models/resnet.py `materialized`.
+  # e2e_vlp/materialize.py.
   b.relu = 'materialized'
 
   if variant == 'tiny':

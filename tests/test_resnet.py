@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn as tnn
 
+from e2e_vlp.materialize import materialized
 from e2e_vlp.models import resnet
 
 torch.set_num_threads(1)
@@ -220,15 +221,15 @@ def test_materialized_is_the_identity_bit_for_bit_with_the_identity_gradient():
   for dtype in (jnp.float32, jnp.bfloat16):
     x = jnp.asarray(normal, dtype)
     x = x[jnp.isfinite(x)]  # float32's largest rounds to inf in bfloat16
-    got = jax.jit(resnet.materialized)(x)
+    got = jax.jit(materialized)(x)
     assert got.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(x).view(np.uint8))
   everything = jnp.asarray(np.concatenate([normal, subnormal]))
   np.testing.assert_array_equal(
-      np.asarray(jax.jit(lambda x: resnet.materialized(nn.relu(x)))(everything)).view(np.uint8),
+      np.asarray(jax.jit(lambda x: materialized(nn.relu(x)))(everything)).view(np.uint8),
       np.asarray(jax.jit(nn.relu)(everything)).view(np.uint8))
   weights = np.random.default_rng(1).normal(size=normal.shape).astype(np.float32)
-  grad = jax.grad(lambda x: jnp.sum(resnet.materialized(x) * weights))(jnp.asarray(normal))
+  grad = jax.grad(lambda x: jnp.sum(materialized(x) * weights))(jnp.asarray(normal))
   np.testing.assert_array_equal(np.asarray(grad), weights)
 
 
