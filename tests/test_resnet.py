@@ -208,10 +208,10 @@ def test_cpu_forms_gradients_match_pytorch():
                              torch_image.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
 
 
-def test_materialized_is_the_identity_bit_for_bit_with_the_identity_gradient():
+def test_materialized_is_the_identity_bit_for_bit_with_the_identity_derivative():
   """Normal floats of every magnitude (and -0, the largest float) come back as the same
   bits, in float32 and bfloat16; after a ReLU, subnormals too (XLA:CPU flushes them to zero
-  in any arithmetic, `nn.relu` included); the gradient passes through unchanged."""
+  in any arithmetic, `nn.relu` included); gradients and tangents pass through unchanged."""
   info = np.finfo(np.float32)
   special = np.array([0.0, -0.0, 1.0, -2.5, info.tiny, -info.tiny, info.max, -info.max],
                      np.float32)
@@ -231,6 +231,9 @@ def test_materialized_is_the_identity_bit_for_bit_with_the_identity_gradient():
   weights = np.random.default_rng(1).normal(size=normal.shape).astype(np.float32)
   grad = jax.grad(lambda x: jnp.sum(materialized(x) * weights))(jnp.asarray(normal))
   np.testing.assert_array_equal(np.asarray(grad), weights)
+  primal, tangent = jax.jvp(materialized, (jnp.asarray(normal),), (jnp.asarray(weights),))
+  np.testing.assert_array_equal(np.asarray(primal), normal)
+  np.testing.assert_array_equal(np.asarray(tangent), weights)
 
 
 @pytest.mark.parametrize('backend,divides', [('cpu', True), ('gpu', False), ('tpu', False)])

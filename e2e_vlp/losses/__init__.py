@@ -11,3 +11,8 @@ from e2e_vlp.losses.matching import match
 from e2e_vlp.losses.text import caption_loss
 from e2e_vlp.losses.text import itm_loss
 from e2e_vlp.losses.text import mlm_loss
+
+__all__ = [
+    'boxes', 'caption_loss', 'cell_class_loss', 'detection', 'detr_cost', 'itm_loss',
+    'match', 'matching', 'mlm_loss', 'set_prediction_loss', 'text',
+]
