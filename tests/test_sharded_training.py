@@ -93,10 +93,13 @@ def reference():
   return config, batches, run_steps(config, (1, 1, 1), 'dp', batches)
 
 
-@pytest.mark.parametrize('mesh_shape,strategy', [
-    ((8, 1, 1), 'dp'), ((2, 4, 1), 'fsdp'), ((2, 2, 2), 'fsdp_tp')])
-def test_sharded_steps_match_one_device(reference, mesh_shape, strategy):
+@pytest.mark.parametrize('mesh_shape,strategy,fused_update', [
+    ((8, 1, 1), 'dp', False), ((2, 4, 1), 'fsdp', False), ((2, 2, 2), 'fsdp_tp', False),
+    ((2, 2, 2), 'fsdp_tp', True)])  # `base`'s AdamW form, sharded, against the optax chain
+def test_sharded_steps_match_one_device(reference, mesh_shape, strategy, fused_update):
   config, batches, (ref_losses, ref_params) = reference
+  config = config.copy_and_resolve_references()
+  config.optim.fused_update = fused_update
   losses, params = run_steps(config, mesh_shape, strategy, batches)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
   assert ref_losses[0] != ref_losses[-1]  # the steps did update the model
