@@ -158,13 +158,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     jitted = state_lib.jit_train_step(train_step, shardings, mesh, batch_spec)
     t0 = time.time()
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                sharding=mesh_lib.batch_sharding(mesh, len(v.shape)))
-        for k, v in batch_spec.items()}
-    compiled = jitted.lower(ckpt_lib.abstract_with_shardings(abstract_state, shardings),
-                            abstract_batch).compile(
-                                state_lib.compiler_options(config.train, jax.default_backend()))
+    # The jit's in_shardings place the abstract arguments (state_lib.jit_train_step).
+    compiled = jitted.lower(abstract_state, batch_spec).compile(
+        state_lib.compiler_options(config.train, jax.default_backend()))
     compile_seconds = time.time() - t0
   step_flops = _flops(compiled)
   logging.info('Step compiled in %.1fs (%.3g GFLOP per step).', compile_seconds,
