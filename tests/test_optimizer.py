@@ -156,3 +156,16 @@ def test_fused_update_is_done_in_place_by_xla_cpu():
 def test_train_step_needs_an_optimizer_that_takes_finite():
   with pytest.raises(TypeError, match='keep_state_unless_finite'):
     state_lib.make_train_step(lambda *a: (0.0, {}), optax.adam(1e-3), None)
+
+
+@pytest.mark.parametrize('backend,stored', [('cpu', True), ('gpu', False), ('tpu', False)])
+def test_fused_update_stores_the_moments_only_on_the_cpu_backend(monkeypatch, backend,
+                                                                   stored):
+  """The XLA:CPU work-around (`materialized`, a divide per moment) stays out of GPU and TPU
+  graphs."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  params = _params()
+  tx, _ = optimizer.make_optimizer(_optim(fused_update=True, clip_norm=1.0), params,
+                                   total_steps=10)
+  jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+  assert ('custom_jvp_call' in jaxpr) == stored
