@@ -29,3 +29,8 @@ def materialized(y: jnp.ndarray) -> jnp.ndarray:
 def _materialized_jvp(primals, tangents):
   (y,), (tangent,) = primals, tangents
   return materialized(y), tangent
+
+
+def materialized_on_cpu(y: jnp.ndarray) -> jnp.ndarray:
+  """`materialized(y)` on the CPU backend, y itself elsewhere (decided when traced)."""
+  return materialized(y) if jax.default_backend() == 'cpu' else y

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from e2e_vlp.materialize import materialized
+from e2e_vlp.materialize import materialized_on_cpu
 
 
 def _paths(params: Any) -> dict[tuple[str, ...], Any]:
@@ -121,7 +121,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, params: Any, total_steps: i
   return keep_state_unless_finite(chain), schedule
 
 
-def _select(finite: jax.Array, new: Any, old: Any) -> Any:
+def where_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """`new` where the scalar `finite` is True, else `old`, leaf by leaf."""
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
@@ -129,7 +130,7 @@ def keep_state_unless_finite(tx: optax.GradientTransformation) -> GuardedTransfo
   """`tx` whose update takes `finite` and returns the old state where it is False."""
   def update(updates, state, params=None, *, finite=True):
     updates, new_state = tx.update(updates, state, params)
-    return updates, _select(finite, new_state, state)
+    return updates, where_finite(finite, new_state, state)
   return GuardedTransformation(tx.init, update)
 
 
@@ -156,15 +157,14 @@ def _fused_adamw(chain: optax.GradientTransformation, optim: ml_collections.Conf
   def update(grads, state, params=None, *, finite=True):
     if params is None:
       raise ValueError('The fused AdamW update needs params (weight decay): pass them.')
-    zeroed, clipped, adam, decayed, lr_state, scaled = state
-    store = materialized if jax.default_backend() == 'cpu' else (lambda x: x)
+    zeroed, clipped, adam, decayed, lr_state, scaled = state  # the chain's, in its order
     grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
     if clip:
       norm = optax.tree.norm(grads)
       factor = clip / norm
       grads = jax.tree.map(
           lambda g: jnp.where(norm < clip, g, g * factor.astype(g.dtype)), grads)
-    guarded = lambda new, old: jax.tree.map(store, _select(finite, new, old))
+    guarded = lambda new, old: jax.tree.map(materialized_on_cpu, where_finite(finite, new, old))
     mu = guarded(optax.tree.update_moment(grads, adam.mu, b1, 1), adam.mu)
     nu = guarded(optax.tree.update_moment_per_elem_norm(grads, adam.nu, b2, 2), adam.nu)
     count = optax.safe_increment(adam.count)

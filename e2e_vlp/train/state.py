@@ -177,7 +177,7 @@ def make_train_step(loss_fn: LossFn, tx: optimizer_lib.GuardedTransformation,
     new_params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1,
-        params=jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, state.params),
+        params=optimizer_lib.where_finite(finite, new_params, state.params),
         opt_state=new_opt_state,
         skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
