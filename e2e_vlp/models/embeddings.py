@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from e2e_vlp.models import layers
+from e2e_vlp.models import stochastic
 
 SINE_TEMPERATURE = 10000.0  # DETR
 SINE_SCALE = 2 * math.pi  # DETR's normalize=True
@@ -125,7 +126,7 @@ class TextEmbeddings(nn.Module):
     self.token_type_embeddings = _embed(
         self.type_vocab_size, self.d_model, (None, 'embed'), self.dtype)
     self.LayerNorm = layers.layer_norm(self.epsilon, dtype=self.dtype)  # HF BERT name
-    self.drop = nn.Dropout(self.dropout)
+    self.drop = stochastic.Dropout(self.dropout)
 
   def __call__(self, ids: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     """[B, L] ids -> [B, L, D]."""
@@ -192,7 +193,7 @@ class VisualEmbeddings(nn.Module):
                           layers.PARAM_DTYPE)
     x = x + pos.astype(self.dtype) + modality.astype(self.dtype)
     x = layers.layer_norm(self.epsilon, dtype=self.dtype, name='LayerNorm')(x)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    x = stochastic.Dropout(self.dropout)(x, deterministic=not train)
     n = h * w
     tokens = layers.constrain(x.reshape(b, n, self.d_model), layers.ACT_BLD)
     centers = cell_centers(image_mask, (h, w), self.stride)
@@ -229,7 +230,7 @@ class CaptionEmbeddings(nn.Module):
                    name='position_embeddings')
     x = word_vectors + table(start + jnp.arange(length))[None]
     x = layers.layer_norm(self.epsilon, dtype=self.dtype, name='LayerNorm')(x)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+    return stochastic.Dropout(self.dropout)(x, deterministic=not train)
 
 
 def _uniform_logit(key: jax.Array, shape: tuple[int, ...],

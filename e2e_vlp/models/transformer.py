@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2e_vlp.models import stochastic
 from e2e_vlp.models import layers
 
 DECODE_MODES = (None, 'init', 'step')
@@ -73,13 +74,16 @@ class Attention(nn.Module):
       elif decode is not None:
         key, value, mask = self._self_cache(key, value, mask, decode)
 
-    dropout_rng = None
+    # flax's nn.dot_product_attention with its dropout (not broadcast), the keep mask drawn
+    # by stochastic.bernoulli: the same values, one fused loop on CPU.
+    weights = nn.dot_product_attention_weights(
+        query, key, mask=mask, deterministic=True, dtype=self.dtype,
+        force_fp32_for_softmax=True)
     if not deterministic and self.dropout_rate > 0:
-      dropout_rng = self.make_rng('dropout')
-    x = nn.dot_product_attention(
-        query, key, value, mask=mask, dropout_rng=dropout_rng,
-        dropout_rate=self.dropout_rate, broadcast_dropout=False,
-        deterministic=deterministic, dtype=self.dtype, force_fp32_for_softmax=True)
+      keep_prob = 1.0 - self.dropout_rate
+      keep = stochastic.bernoulli(self.make_rng('dropout'), keep_prob, weights.shape)
+      weights = weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
+    x = jnp.einsum('...hqk,...khd->...qhd', weights, value)
     x = layers.constrain(x.astype(self.dtype), layers.ACT_BLHK)
     if self.out_features is None:
       return x
@@ -137,7 +141,7 @@ class BertOutput(nn.Module):
     """x [B, L, *in] + residual [B, L, D] -> [B, L, D]."""
     y = layers.DenseGeneral((self.d_model,), tuple(self.in_names), ('embed',),
                             dtype=self.dtype, name='dense')(x)
-    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = stochastic.Dropout(self.dropout)(y, deterministic=deterministic)
     y = layers.layer_norm(self.epsilon, dtype=self.dtype, name='LayerNorm')(y + residual)
     return layers.constrain(y, layers.ACT_BLD)
 
@@ -239,7 +243,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, tgt, query_pos, memory, memory_pos, self_mask, cross_mask,
                deterministic: bool, decode: str | None = None) -> jnp.ndarray:
     """tgt [B, T, D], memory [B, S, D] (None in 'step' mode) -> [B, T, D]."""
-    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    drop = lambda y: stochastic.Dropout(self.dropout)(y, deterministic=deterministic)
     norm = lambda name: layers.layer_norm(self.epsilon, dtype=self.dtype, name=name)
     attn = lambda name, kind: Attention(
         self.num_heads, self.dtype, self.attention_dropout, self.d_model, kind, name=name)
