@@ -115,3 +115,20 @@ def test_attention_dropout_is_flax_attention_dropout():
   plain = attention.apply(variables, x, x, x, mask, deterministic=True)
   assert float(jnp.max(jnp.abs(theirs - plain))) > 1e-2  # the dropout did drop
   np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_masks_are_the_same_when_the_step_is_sharded():
+  """`jax.jit` with sharded outputs (8 host devices): each device draws its own slice of
+  the same masks (the counter is built from iotas, which XLA partitions)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  key = jax.random.PRNGKey(11)
+  x = jax.device_put(jax.random.normal(key, (16, 24, 8)), sharding)
+  rngs = {'dropout': jax.random.PRNGKey(12)}
+  apply = lambda module: jax.jit(
+      lambda x: module.apply({}, x, deterministic=False, rngs=rngs), out_shardings=sharding)
+  ours = apply(stochastic.Dropout(0.3))(x)
+  assert ours.sharding == sharding
+  np.testing.assert_array_equal(ours, apply(nn.Dropout(0.3))(x))
+  mask = jax.jit(lambda k: stochastic.bernoulli(k, 0.8, x.shape), out_shardings=sharding)(key)
+  np.testing.assert_array_equal(mask, jax.random.bernoulli(key, 0.8, x.shape))
