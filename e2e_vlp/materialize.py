@@ -1,15 +1,17 @@
 """An identity XLA computes once: the work-around for XLA:CPU recomputing cheap values.
 
 XLA duplicates a cheap elementwise producer into each of its consumers instead of storing
-its result. On XLA:CPU, which has no multi-output loop fusion, that costs twice:
+its result. On XLA:CPU, which has no multi-output loop fusion, that costs in three places:
 - a convolution's kernel gradient reads its input transposed, and XLA fuses the BatchNorm
   and ReLU that made that input into the transpose, whose per-channel broadcasts make it
   several times slower than a plain transpose (`resnet`'s `relu='materialized'`);
 - an optimizer update writes parameters and moments from one fused step; each output's
   fusion recomputes the new moments from the old ones, so the old ones must survive the
-  in-place writes and XLA copies them first (`optim.fused_update`).
+  in-place writes and XLA copies them first (`optim.fused_update`);
+- a dropout mask's ~100-operation hash would be copied into every consumer of the mask
+  (`models.stochastic.bernoulli`, whose fused hash is itself the CPU backend's form).
 A divide is not cheap, so `y / (1 + 0 y)` makes XLA keep y and read the stored buffer.
-Both uses apply it on the CPU backend only: GPU and TPU fuse otherwise, and it was not
+All three uses apply it on the CPU backend only: GPU and TPU fuse otherwise, and it was not
 measured there. Measurements: README "Benchmarks".
 """
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from e2e_vlp import materialize
+from e2e_vlp.materialize import materialized
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = np.uint32(0x1BD11BDA)  # Threefry's key-schedule constant
@@ -94,7 +94,7 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
   # XLA would fuse the ~100-operation hash into every consumer of the mask (the dropout,
   # its gradient, reductions after them: 49 copies for the 13 dropout layers of the tiny
   # DETR step); stored once, the copies are comparisons.
-  return materialize.materialized(uniform) < np.float32(p)
+  return materialized(uniform) < np.float32(p)
 
 
 class Dropout(nn.Module):

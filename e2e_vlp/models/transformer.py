@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from e2e_vlp.models import stochastic
 from e2e_vlp.models import layers
+from e2e_vlp.models import stochastic
 
 DECODE_MODES = (None, 'init', 'step')
 
