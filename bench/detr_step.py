@@ -20,8 +20,10 @@ faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
 `max_pool='unrolled'`; the stem is frozen here, so only its forward pass counts), and the
 1x1 convs as matrix products (`pointwise_conv='dot'`, the `base` config's) or as XLA
 convolutions ('1x1 as conv', to show what 'dot' saves), and which operations XLA:CPU hands to
-YNNPACK (`config.train.cpu_ynn_fusion_types`: the config's dots only; 'YNNPACK default',
-XLA's choice, its convolutions too; 'YNNPACK off', none), and the backbone's ReLU outputs
+YNNPACK (`config.train.cpu_ynn_fusion_types`; each shape takes the setting of the config
+whose backbone it resembles, `DetrShape.cpu_ynn_fusion_types`: r50 `base`'s dots and
+convolutions, tiny `tiny`'s dots only; the other rows name theirs, 'YNNPACK off' none),
+and the backbone's ReLU outputs
 made to be stored once (`relu='materialized'`, the `base` config's) or left to XLA to
 recompute inside the kernel gradients' transposes ('ReLU plain'), and the AdamW update
 in the form XLA:CPU runs in place (`optim.fused_update`, the `base` config's) or as the
@@ -74,6 +76,9 @@ class DetrShape:
   batch: int
   image: int  # square side in pixels
   boxes: int  # real boxes per image
+  # config.train.cpu_ynn_fusion_types of the config whose backbone this shape resembles:
+  # YNNPACK's convolutions are faster at ResNet-50's widths (`base`), XLA's at tiny's.
+  cpu_ynn_fusion_types: str = 'individual_dot,individual_convolution'
 
   @property
   def hidden_sizes(self) -> list[int]:
@@ -82,7 +87,8 @@ class DetrShape:
 
 
 SHAPES = {
-    'tiny': DetrShape('basic', (1, 1, 1, 1), 32, 128, 2, 4, 512, 50, 8, 256, 10),
+    'tiny': DetrShape('basic', (1, 1, 1, 1), 32, 128, 2, 4, 512, 50, 8, 256, 10,
+                      cpu_ynn_fusion_types='individual_dot'),
     'r50': DetrShape('bottleneck', (3, 4, 6, 3), 64, 256, 6, 8, 2048, 100, 2, 512, 10),
 }
 # DETR: stem and stage 1 frozen; HF's backbone after unfreezing stages 1-3 matches.
@@ -95,6 +101,10 @@ TARGETS = {'tiny': 0.8, 'r50': 1.0}
 # warm-up round left slow HF steps in the medians, flattering our ratio. Other shapes
 # (bench/gpu.py's smoke test): one round.
 WARMUP = {'tiny': 10, 'r50': 3}
+# The YNNPACK settings compared (each shape's own, the other config's, none) and their
+# names in the table.
+YNN_SETTINGS = {'individual_dot,individual_convolution': 'dots and convs',
+                'individual_dot': 'dots only', '': 'off'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +114,7 @@ class Variant:
   frozen_grads: bool = False  # True: no frozen mask, their gradients computed
   cpu_stem: bool = False  # True: the backbone stem in common.STEM_FORMS['cpu']
   pointwise_conv: str = ''  # config.model.backbone.pointwise_conv; '' keeps the config's
-  # config.train.cpu_ynn_fusion_types ('default': XLA's, YNNPACK convolutions too); None
-  # keeps the config's.
+  # config.train.cpu_ynn_fusion_types ('' none); None keeps the shape's.
   ynn_fusion_types: str | None = None
   relu: str = ''  # config.model.backbone.relu; '' keeps the config's
   fused_update: bool | None = None  # config.optim.fused_update; None keeps the config's
@@ -116,7 +125,7 @@ class Variant:
     extra += ', CPU stem' if self.cpu_stem else ''
     extra += f', 1x1 as {self.pointwise_conv}' if self.pointwise_conv else ''
     if self.ynn_fusion_types is not None:
-      extra += f', YNNPACK {self.ynn_fusion_types or "off"}'
+      extra += f', YNNPACK {YNN_SETTINGS.get(self.ynn_fusion_types, self.ynn_fusion_types)}'
     extra += f', ReLU {self.relu}' if self.relu else ''
     if self.fused_update is not None:
       extra += ', fused AdamW' if self.fused_update else ', optax chain AdamW'
@@ -141,8 +150,9 @@ def detr_config(shape: DetrShape, variant: Variant) -> Any:
            dropout=0.1, attention_dropout=0.0,  # HF DetrConfig defaults
            reference_points=False, cell_class_head=False)
   config.loss.det.update(aux_loss=True, matcher=variant.matcher)
-  if variant.ynn_fusion_types is not None:
-    config.train.cpu_ynn_fusion_types = variant.ynn_fusion_types
+  config.train.cpu_ynn_fusion_types = (shape.cpu_ynn_fusion_types
+                                       if variant.ynn_fusion_types is None
+                                       else variant.ynn_fusion_types)
   config.optim.update(lr=1e-4, weight_decay=1e-4, clip_norm=0.1, warmup_steps=0,
                       schedule='constant', lr_mults=(('backbone/.*', 0.1),), frozen=FROZEN)
   if variant.fused_update is not None:
@@ -261,8 +271,9 @@ HfPeers = dict[str, Callable[[Any, dict[str, np.ndarray]], Callable[[], Any]]]
 
 def variants_for(shape_name: str, quick: bool) -> list[Variant]:
   default, computed = Variant(), Variant(frozen_grads=True)
+  own = SHAPES[shape_name].cpu_ynn_fusion_types
   forms = [Variant(cpu_stem=True), Variant(pointwise_conv='conv'),
-           Variant(ynn_fusion_types='default'), Variant(ynn_fusion_types=''),
+           *[Variant(ynn_fusion_types=kinds) for kinds in YNN_SETTINGS if kinds != own],
            Variant(relu='plain'), Variant(fused_update=False)]
   if quick:
     return [default, computed] + forms

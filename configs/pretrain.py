@@ -243,9 +243,12 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t.cpu_backend_optimization_level = -1 if variant == 'tiny' else 1
   # Which XLA:CPU operations run as YNNPACK library calls in the train step, on the CPU
   # backend only: comma-separated from e2e_vlp.train.state.YNN_FUSION_TYPES; '' none;
-  # 'default' XLA's choice (dots and convolutions in jax 0.10). XLA's own convolutions ran
-  # 2-3.5x faster than YNNPACK's (README, Benchmarks).
-  t.cpu_ynn_fusion_types = 'individual_dot'
+  # 'default' XLA's choice (dots and convolutions in jax 0.10). Which convolutions are
+  # faster depends on their size (README "Benchmarks"): YNNPACK's at ResNet-50's widths
+  # (kernel gradients up to 1.7x faster; base's step ~4% faster), XLA's at tiny's narrow
+  # basic blocks (the tiny-shaped DETR step 1.4x slower with YNNPACK's).
+  t.cpu_ynn_fusion_types = ('individual_dot' if variant == 'tiny'
+                            else 'individual_dot,individual_convolution')
 
   config.init_from = ''  # a checkpoint dir: load matching parameters, report the rest
   config.workdir = ''  # '' -> workdirs/<task>_<variant>

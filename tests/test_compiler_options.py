@@ -34,7 +34,8 @@ def inputs():
 
 @pytest.mark.parametrize('kinds, conv_in_ynn, dot_in_ynn', [
     ('default', True, True),  # XLA's choice in jax 0.10: both
-    ('individual_dot', False, True),  # tiny's and base's setting
+    ('individual_dot', False, True),  # tiny's setting
+    ('individual_dot,individual_convolution', True, True),  # base's setting
     ('', False, False),
 ])
 def test_ynn_fusion_types_choose_the_kernels_and_keep_the_numbers(inputs, kinds, conv_in_ynn,
@@ -56,6 +57,7 @@ def test_options_apply_on_cpu_only():
   assert state_lib.compiler_options(train, 'gpu') is None
   assert state_lib.compiler_options(train, 'cpu') == {
       'xla_backend_optimization_level': 1,
-      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+      'xla_cpu_experimental_ynn_fusion_type':
+          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
   train.update(cpu_backend_optimization_level=-1, cpu_ynn_fusion_types='default')
   assert state_lib.compiler_options(train, 'cpu') is None
