@@ -6,9 +6,10 @@ is rewritten after every section, so an interrupted run keeps what it measured. 
 every section replaces the file; a partial run (`--only`) appends its sections under a
 header of its own, so the tables of earlier runs stay next to the new ones.
 
-Sections: matcher (bench/matcher.py's solvers at B=64), detr (bench/detr_step.py),
-pretrain (bench/pretrain_step.py), decoding (bench/decoding.py), input
-(bench/input_pipeline.py), and with --finetune bench/finetune_comparison.py (slow).
+Sections: matcher (bench/matcher.py's solvers at B=64), detr (bench/detr_step.py), convs
+(bench/conv_ops.py: the DETR backbones' convolutions op by op), pretrain
+(bench/pretrain_step.py), decoding (bench/decoding.py), input (bench/input_pipeline.py),
+and with --finetune bench/finetune_comparison.py (slow).
 Each states whether the issue's targets are reached.
 
 Usage: python bench/run_all.py [--quick] [--finetune] [--only detr,pretrain] [--out FILE]
@@ -23,7 +24,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(BENCH))
 
-SECTIONS = ('matcher', 'detr', 'pretrain', 'decoding', 'input')
+SECTIONS = ('matcher', 'detr', 'convs', 'pretrain', 'decoding', 'input')
 MATCHER_BATCH = 64
 MATCHER_TARGET_SIZE = (100, 50)  # (queries, boxes) of the issue's targets
 INPUT_TARGET = 3.0  # pipeline examples/s >= 3x the tiny step's
@@ -120,7 +121,8 @@ def section(name: str, quick: bool) -> str:
     return input_section(quick)
   if name == 'finetune':
     return finetune_section(quick)
-  module = {'detr': 'detr_step', 'pretrain': 'pretrain_step', 'decoding': 'decoding'}[name]
+  module = {'detr': 'detr_step', 'convs': 'conv_ops', 'pretrain': 'pretrain_step',
+            'decoding': 'decoding'}[name]
   return __import__(f'bench.{module}', fromlist=['run']).run(quick)
 
 

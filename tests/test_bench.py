@@ -14,6 +14,7 @@ import pytest
 
 import fast_compile
 from bench import common
+from bench import conv_ops
 from bench import detr_step
 from bench import gpu
 from bench import pretrain_step
@@ -185,6 +186,39 @@ def test_hf_detr_backbone_unfrozen_like_ours():
                                       variables['params']['backbone'], groups['backbone']))
   assert sum(ours) == sum(trainable.values())
   assert isinstance(model, torch.nn.Module)
+
+
+@pytest.mark.parametrize('shape_name', ['tiny', 'r50'])
+def test_conv_ops_lists_the_backbones_3x3_and_stem_convs(shape_name):
+  """bench/conv_ops.py times the convolutions the DETR step's backbone has (every distinct
+  stem and 3x3 kernel shape), with the strides that shrink its grid to the stage-4 size."""
+  shape = detr_step.SHAPES[shape_name]
+  config = detr_step.detr_config(shape, detr_step.Variant())
+  image = jnp.zeros((1, shape.image, shape.image, 3))
+  params = jax.eval_shape(lambda: E2EVLP(config.model).init(
+      jax.random.key(0), image, jnp.ones(image.shape[:3], bool), method=E2EVLP.detect)
+      )['params']['backbone']
+  kernels = {leaf.shape for leaf in jax.tree.leaves(params) if leaf.ndim == 4
+             and leaf.shape[0] > 1}
+  convs = conv_ops.SHAPES[shape_name]
+  assert {(c.kernel, c.kernel, c.cin, c.cout) for c in convs} == kernels
+  assert all(c.batch == shape.batch for c in convs) and convs[0].size == shape.image
+  last = convs[-1]
+  assert last.size == shape.image // 32 and last.stride == 1 and last.trained
+  assert [c.trained for c in convs[:3]] == [False, False, True]  # stem, stage 1 frozen
+
+
+def test_conv_ops_rows_agree_with_pytorch():
+  """Each op's row: XLA's and YNNPACK's result within float32 rounding of PyTorch's (the
+  timings compare the same work); a frozen conv times its forward pass only."""
+  trained = conv_ops.time_conv(conv_ops.Conv('t', 12, 20, 24, stride=2), repeats=1, warmup=0)
+  frozen = conv_ops.time_conv(conv_ops.Conv('f', 12, 20, 24, trained=False), repeats=1,
+                              warmup=0)
+  assert [r[2] for r in trained] == list(conv_ops.OPS) and [r[2] for r in frozen] == [
+      'forward']
+  for row in trained + frozen:
+    assert float(row[-1]) < 1e-5
+    assert all(float(cell) > 0 for cell in row[3:6])
 
 
 def test_gpu_script_smoke_run_without_tensorflow_or_ml_collections():
