@@ -150,9 +150,10 @@ def time_conv(conv: Conv, repeats: int, warmup: int) -> list[tuple]:
 def back_to_back_median(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
   """Median ms of `repeats` calls of `fn` in a row after `warmup`. Not interleaved with the
   peers as the step benchmarks are: XLA's convolution ran 4-6 ms slower right after a
-  PyTorch call (its worker threads still busy; measured at ResNet-50's 32 and 16 px
-  convs), as much as a difference between two libraries here, and an op lasts
-  milliseconds, so the load drifts little over one block."""
+  PyTorch call than after its own (ResNet-50's 32 and 16 px convs; the cause not
+  pinned down, PyTorch's OpenMP workers spinning after their region is the likely one),
+  as much as a difference between two libraries here, and an op lasts milliseconds, so
+  the load drifts little over one block."""
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
