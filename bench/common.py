@@ -186,7 +186,8 @@ def load_note(load: float) -> str:
     return f'Host load average {load:.1f} on {cores} cores at the start of this table.'
   return (f'Host load average {load:.1f} on {cores} cores: the machine is shared and busy, '
           'so absolute times are inflated and noisy; ratios between peers measured in the '
-          'same run (interleaved) are the meaningful figures.')
+          'same run (each table says how: interleaved or back to back) are the meaningful '
+          'figures.')
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
