@@ -24,8 +24,10 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402  (first: provides ml_collections where missing)
+from bench import detr_step  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from e2e_vlp.train import state as state_lib  # noqa: E402
@@ -51,15 +53,18 @@ class Conv:
     return self.kernel // 2
 
 
-def resnet_convs(block: str, widths: tuple[int, ...], image: int, batch: int) -> list[Conv]:
+def resnet_convs(shape: detr_step.DetrShape) -> list[Conv]:
   """The stem and each stage's distinct 3x3 convs (the strided first one, a stride-1 one)
-  behind the 'imagenet' stem; stage 1 frozen, as in DETR. A basic block's strided conv
-  widens the previous stage's channels; a bottleneck's runs after the 1x1 reduction."""
-  convs = [Conv('stem 7x7/2', image, 3, widths[0], 7, 2, trained=False, batch=batch)]
-  size = image // 4
+  of `shape`'s backbone behind the 'imagenet' stem; stage 1 frozen, as in DETR. A basic
+  block's strided conv widens the previous stage's channels; a bottleneck's runs after the
+  1x1 reduction."""
+  widths = [shape.width * 2 ** stage for stage in range(len(shape.stage_sizes))]
+  batch = shape.batch
+  convs = [Conv('stem 7x7/2', shape.image, 3, widths[0], 7, 2, trained=False, batch=batch)]
+  size = shape.image // 4
   for stage, width in enumerate(widths):
     if stage:
-      cin = widths[stage - 1] if block == 'basic' else width
+      cin = widths[stage - 1] if shape.block == 'basic' else width
       convs.append(Conv(f'stage {stage + 1} 3x3/2', size, cin, width, stride=2, batch=batch))
       size //= 2
     convs.append(Conv(f'stage {stage + 1} 3x3', size, width, width, trained=stage > 0,
@@ -67,8 +72,8 @@ def resnet_convs(block: str, widths: tuple[int, ...], image: int, batch: int) ->
   return convs
 
 
-SHAPES = {'r50': resnet_convs('bottleneck', (64, 128, 256, 512), 512, 2),
-          'tiny': resnet_convs('basic', (32, 64, 128, 256), 256, 8)}
+# The DETR benchmark's shapes (bench/detr_step.py), r50 first.
+SHAPES = {name: resnet_convs(detr_step.SHAPES[name]) for name in ('r50', 'tiny')}
 
 
 def jax_ops(conv: Conv) -> dict[str, Callable[..., Any]]:
@@ -122,7 +127,7 @@ def time_conv(conv: Conv, repeats: int, warmup: int) -> list[tuple]:
   ops = jax_ops(conv)
   out_shape = jax.eval_shape(ops['forward'], x, w, None).shape
   g = rng.standard_normal(out_shape, np.float32)
-  args = tuple(jax.numpy.asarray(a) for a in (x, w, g))
+  args = tuple(jnp.asarray(a) for a in (x, w, g))
   peers = torch_ops(conv, x, w, g)
   rows = []
   for op in OPS if conv.trained else OPS[:1]:
@@ -184,7 +189,9 @@ def run(quick: bool = False, repeats: int | None = None,
       common.load_note(load), '', common.markdown_table(HEADERS, rows), '', *shape_lines,
       f'- Medians of {repeats} runs in a row after 2 warm-up runs, each library in turn '
       f'(`back_to_back_median`); PyTorch {torch.get_num_threads()} threads, its gradients '
-      'without the forward pass. Frozen convs (stem, stage 1): forward only.', ''])
+      'without the forward pass, OMP_WAIT_POLICY='
+      f'{os.environ.get("OMP_WAIT_POLICY", "unset")} (bench/detr_step.py sets it on a busy '
+      'host). Frozen convs (stem, stage 1): forward only.', ''])
 
 
 def main() -> None:
