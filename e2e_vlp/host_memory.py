@@ -6,7 +6,10 @@ and unmaps it when freed, so the kernel faults in and zeroes fresh 4 KiB pages e
 about 243k minor faults per DETR training step at the r50 shape (about 1 GB). With the
 tunable `glibc.malloc.hugetlb=1`, malloc marks its mappings for transparent huge pages
 (the kernel's default THP mode, 'madvise', honours only marked ones), and the same step
-takes 1-4k faults. Measured figures are in the README ("Benchmarks").
+takes 1-4k faults. Measured figures are in the README ("Benchmarks"). One arena with mmap
+and trimming off (`arena_max=1:mmap_max=0:trim_threshold=<4 GiB or more>`) reuses the
+buffers instead (no faults at all) and stepped ~5% faster at `base`, but every thread then
+takes one lock, and the `tiny` default run was 11% slower; so huge pages.
 
 glibc reads its tunables once, when the program starts, so a launch script run as the
 program re-executes itself with the tunable added (`launch/_bootstrap.py` calls
