@@ -16,9 +16,7 @@ Usage: python bench/conv_ops.py [--quick] [--repeats N] [--shapes r50,tiny]
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -143,30 +141,19 @@ def time_conv(conv: Conv, repeats: int, warmup: int) -> list[tuple]:
     scale = np.abs(reference).max()
     error = max(float(np.abs(np.asarray(fns[lib]()) - reference).max() / scale)
                 for lib in LIBRARIES)
-    ms = {name: back_to_back_median(fn, warmup, repeats) for name, fn in fns.items()}
+    # Each library's calls in a row, not interleaved with the peers as the step benchmarks
+    # are: XLA's convolution ran 4-6 ms slower right after a PyTorch call than after its own
+    # (ResNet-50's 32 and 16 px convs; the cause not pinned down, PyTorch's OpenMP workers
+    # spinning after their region is the likely one), as much as a difference between two
+    # libraries here, and an op lasts milliseconds, so the load drifts little over one block.
+    ms = {name: common.time_interleaved({name: fn}, warmup=warmup, repeats=repeats)[name]
+          for name, fn in fns.items()}
     best = min(LIBRARIES, key=ms.get)
     rows.append((conv.where, f'{conv.size} px x {conv.cin}->{conv.cout}', op,
                  f'{ms["XLA"]:.1f}', f'{ms["YNNPACK"]:.1f}', f'{ms["PyTorch"]:.1f}',
                  f'{ms["YNNPACK"] / ms["XLA"]:.2f}x', f'{ms[best] / ms["PyTorch"]:.2f}x',
                  f'{error:.0e}'))
   return rows
-
-
-def back_to_back_median(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-  """Median ms of `repeats` calls of `fn` in a row after `warmup`. Not interleaved with the
-  peers as the step benchmarks are: XLA's convolution ran 4-6 ms slower right after a
-  PyTorch call than after its own (ResNet-50's 32 and 16 px convs; the cause not
-  pinned down, PyTorch's OpenMP workers spinning after their region is the likely one),
-  as much as a difference between two libraries here, and an op lasts milliseconds, so
-  the load drifts little over one block."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
 
 
 HEADERS = ('conv', 'input', 'op', 'XLA ms', 'YNNPACK ms', 'PyTorch ms', 'YNNPACK / XLA',
@@ -188,7 +175,7 @@ def run(quick: bool = False, repeats: int | None = None,
       '## Backbone convolutions, op by op: XLA vs YNNPACK vs PyTorch (bench/conv_ops.py)', '',
       common.load_note(load), '', common.markdown_table(HEADERS, rows), '', *shape_lines,
       f'- Medians of {repeats} runs in a row after 2 warm-up runs, each library in turn '
-      f'(`back_to_back_median`); PyTorch {torch.get_num_threads()} threads, its gradients '
+      f'(`time_conv`); PyTorch {torch.get_num_threads()} threads, its gradients '
       'without the forward pass, OMP_WAIT_POLICY='
       f'{os.environ.get("OMP_WAIT_POLICY", "unset")} (bench/detr_step.py sets it on a busy '
       'host). Frozen convs (stem, stage 1): forward only.', ''])
