@@ -76,9 +76,14 @@ class DetrShape:
   batch: int
   image: int  # square side in pixels
   boxes: int  # real boxes per image
-  # config.train.cpu_ynn_fusion_types of the config whose backbone this shape resembles:
-  # YNNPACK's convolutions are faster at ResNet-50's widths (`base`), XLA's at tiny's.
-  cpu_ynn_fusion_types: str = 'individual_dot,individual_convolution'
+  # The pre-training config whose backbone this shape resembles; the step takes its
+  # train.cpu_ynn_fusion_types: YNNPACK's convolutions are faster at ResNet-50's widths
+  # (`base`), XLA's at tiny's.
+  like_config: str = 'base'
+
+  @property
+  def cpu_ynn_fusion_types(self) -> str:
+    return pretrain.get_config(self.like_config).train.cpu_ynn_fusion_types
 
   @property
   def hidden_sizes(self) -> list[int]:
@@ -88,7 +93,7 @@ class DetrShape:
 
 SHAPES = {
     'tiny': DetrShape('basic', (1, 1, 1, 1), 32, 128, 2, 4, 512, 50, 8, 256, 10,
-                      cpu_ynn_fusion_types='individual_dot'),
+                      like_config='tiny'),
     'r50': DetrShape('bottleneck', (3, 4, 6, 3), 64, 256, 6, 8, 2048, 100, 2, 512, 10),
 }
 # DETR: stem and stage 1 frozen; HF's backbone after unfreezing stages 1-3 matches.
