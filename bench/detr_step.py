@@ -21,8 +21,9 @@ faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
 1x1 convs as matrix products (`pointwise_conv='dot'`, the `base` config's) or as XLA
 convolutions ('1x1 as conv', to show what 'dot' saves), and which operations XLA:CPU hands to
 YNNPACK (`config.train.cpu_ynn_fusion_types`; each shape takes the setting of the config
-whose backbone it resembles, `DetrShape.cpu_ynn_fusion_types`: r50 `base`'s dots and
-convolutions, tiny `tiny`'s dots only; the other rows name theirs, 'YNNPACK off' none),
+whose backbone it resembles, `DetrShape.cpu_ynn_fusion_types`: r50 `base`'s dots,
+convolutions and reductions, tiny `tiny`'s dots and reductions; the other rows name theirs,
+'YNNPACK off' none),
 and the backbone's ReLU outputs
 made to be stored once (`relu='materialized'`, the `base` config's) or left to XLA to
 recompute inside the kernel gradients' transposes ('ReLU plain'), and the AdamW update
@@ -108,8 +109,8 @@ TARGETS = {'tiny': 0.8, 'r50': 1.0}
 WARMUP = {'tiny': 10, 'r50': 3}
 # The YNNPACK settings compared (each shape's own, the other config's, none) and their
 # names in the table.
-YNN_SETTINGS = {'individual_dot,individual_convolution': 'dots and convs',
-                'individual_dot': 'dots only', '': 'off'}
+YNN_SETTINGS = {'individual_dot,individual_convolution,reduce': 'dots, convs and reductions',
+                'individual_dot,reduce': 'dots and reductions', '': 'off'}
 
 
 @dataclasses.dataclass(frozen=True)

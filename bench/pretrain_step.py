@@ -9,8 +9,10 @@ host does on dense matrix work; the fastest of the matmul runs). On CPU each con
 runs with the other LLVM level for XLA's generated kernels
 (`config.train.cpu_backend_optimization_level`: `base` compiles at 1, which shortens its
 compilation without slowing the step; `tiny` keeps XLA's default), and with the backbone
-stem in the other form (`config.model.backbone.stem_conv` / `max_pool`: `tiny` uses the
-forms XLA runs faster on CPU, `base` XLA's own convolution and max-pool).
+stem in the other form (`config.model.backbone.stem_conv` / `max_pool`: both configs use
+XLA's own convolution and max-pool, the row the forms XLA runs faster on CPU), and with
+reductions left to XLA's own kernels instead of YNNPACK's (`config.train.cpu_ynn_fusion_types`
+without 'reduce').
 
 `base` runs at a reduced canvas and batch on CPU (see SETTINGS); the model is the paper's.
 
@@ -35,6 +37,7 @@ import numpy as np  # noqa: E402
 from configs import pretrain  # noqa: E402
 from e2e_vlp.models.e2e_vlp import E2EVLP  # noqa: E402
 from e2e_vlp.models.e2e_vlp import init_inputs  # noqa: E402
+from e2e_vlp.train import state as state_lib  # noqa: E402
 
 ShapesFn = Callable[[Any, int], dict[str, jax.ShapeDtypeStruct]]
 LossesFn = Callable[[dict[str, jax.Array], dict[str, jax.Array], Any],
@@ -53,6 +56,8 @@ class Setting:
   backend_level: int | None = None
   # A key of common.STEM_FORMS ('xla' | 'cpu'); '' keeps the config's.
   stem: str = ''
+  # config.train.cpu_ynn_fusion_types; None keeps the config's.
+  ynn_fusion_types: str | None = None
 
   @property
   def name(self) -> str:
@@ -64,6 +69,8 @@ class Setting:
     if self.backend_level is not None:
       extras.append('XLA default level' if self.backend_level < 0
                     else f'backend_optimization_level={self.backend_level}')
+    if self.ynn_fusion_types is not None:
+      extras.append(f'YNNPACK {self.ynn_fusion_types or "off"}')
     return self.variant + (f' ({", ".join(extras)})' if extras else '')
 
 
@@ -94,6 +101,8 @@ def setting_config(setting: Setting) -> Any:
     config.train.cpu_backend_optimization_level = setting.backend_level
   if setting.stem:
     config.model.backbone.update(common.STEM_FORMS[setting.stem])
+  if setting.ynn_fusion_types is not None:
+    config.train.cpu_ynn_fusion_types = setting.ynn_fusion_types
   for path, value in setting.overrides:
     *parents, leaf = path.split('.')
     node = config
@@ -184,9 +193,14 @@ def settings_for(quick: bool, variants: tuple[str, ...]) -> list[Setting]:
     for v in variants:
       level = pretrain.get_config(v).train.cpu_backend_optimization_level
       out.append(dataclasses.replace(SETTINGS[v], backend_level=1 if level < 0 else -1))
-      # The stem in the other form (tiny: CPU forms by default; base: XLA's).
+      # The stem in the other form (both configs take XLA's; the row the CPU forms).
       stem = pretrain.get_config(v).model.backbone.stem_conv
       out.append(dataclasses.replace(SETTINGS[v], stem='xla' if stem == 'row_fold' else 'cpu'))
+      # Reductions left to XLA's own kernels, to show what YNNPACK's save.
+      kinds = state_lib.ynn_fusion_types(pretrain.get_config(v).train.cpu_ynn_fusion_types)
+      if 'reduce' in kinds:
+        out.append(dataclasses.replace(SETTINGS[v], ynn_fusion_types=','.join(
+            kind for kind in kinds if kind != 'reduce')))
   if not quick and 'base' in variants:  # the faster matcher on CPU (bench/matcher.py)
     out.append(dataclasses.replace(SETTINGS['base'], matcher='scipy'))
   return out
