@@ -247,7 +247,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # convolutions are faster depends on their size (README "Benchmarks"): YNNPACK's at
   # ResNet-50's widths (kernel gradients up to 1.7x faster; base's step ~4% faster), XLA's at
   # tiny's narrow basic blocks (the tiny-shaped DETR step 1.4x slower with YNNPACK's).
-  # Reductions always: XLA's own split a sum into reduce-windows that ran 7-10x slower (the
+  # Reductions always: XLA's own split a sum into reduce-windows that ran 7-11x slower (the
   # gradient norm at r50: 79 vs 7 ms), tiny's step 0.86x and base's 0.95x with YNNPACK's.
   t.cpu_ynn_fusion_types = ('individual_dot,reduce' if variant == 'tiny'
                             else 'individual_dot,individual_convolution,reduce')
