@@ -176,7 +176,8 @@ def test_cpu_forms_gradients_match_pytorch():
   """'row_fold' + 'unrolled' + 'dot' + 'materialized' back-propagate as torch's convs,
   max-pool and ReLU do, to every kernel and to the image. Odd sizes: the folded rows, the
   pool's padding and the strided 1x1 shortcut must line up; the bottleneck's 1x1 convs both
-  widen and narrow, so `_channel_product`'s gradient runs in both of its orientations."""
+  widen and narrow the channels, and `_channel_product`'s kernel gradient must hold for
+  both."""
   torch.manual_seed(0)
   ref = TorchResNet('bottleneck', (1, 1), 4, 'imagenet', False)
   _randomize_bn(ref)

@@ -102,10 +102,12 @@ class PointwiseConv(nn.Module):
 def _channel_product(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """[B, H, W, C] x [C, D] -> [B, H, W, D].
 
-  The kernel's gradient sums x^T g over B, H, W. XLA:CPU computes such a product by first
-  transposing one operand in memory; autodiff's form transposes g, this one the operand
-  with fewer channels (in ResNet-50's backward pass, copies fell from ~460 to ~160 ms of
-  thread time per DETR step at r50, in a profile).
+  The kernel's gradient sums x^T g over B, H, W, which XLA:CPU computes by first
+  transposing one operand in memory. Written as dot(x, g), it transposes x, a stored
+  activation, and YNNPACK runs the product. Autodiff's form transposes g inside the fusion
+  that computes g (BatchNorm's backward, the ReLU mask), several times slower than a plain
+  transpose, and dot(g, x).T (this gradient's form before, where x has more channels) also
+  ran on Eigen instead of YNNPACK: README "Benchmarks", the 1x1 bullet.
   """
   return jax.lax.dot_general(x, w, (((3,), (0,)), ((), ())))
 
@@ -117,11 +119,7 @@ def _channel_product_fwd(x, w):
 def _channel_product_bwd(residuals, g):
   x, w = residuals
   dx = jax.lax.dot_general(g, w, (((3,), (1,)), ((), ())))
-  over_pixels = (((0, 1, 2), (0, 1, 2)), ((), ()))
-  if x.shape[-1] <= g.shape[-1]:
-    dw = jax.lax.dot_general(x, g, over_pixels)
-  else:
-    dw = jax.lax.dot_general(g, x, over_pixels).T
+  dw = jax.lax.dot_general(x, g, (((0, 1, 2), (0, 1, 2)), ((), ())))
   return dx, dw
 
 
