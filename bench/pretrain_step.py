@@ -191,13 +191,14 @@ def settings_for(quick: bool, variants: tuple[str, ...]) -> list[Setting]:
   out = [SETTINGS[v] for v in variants]
   if jax.default_backend() == 'cpu':  # the config's LLVM level against the other choice
     for v in variants:
-      level = pretrain.get_config(v).train.cpu_backend_optimization_level
+      config = pretrain.get_config(v)
+      level = config.train.cpu_backend_optimization_level
       out.append(dataclasses.replace(SETTINGS[v], backend_level=1 if level < 0 else -1))
       # The stem in the other form (both configs take XLA's; the row the CPU forms).
-      stem = pretrain.get_config(v).model.backbone.stem_conv
+      stem = config.model.backbone.stem_conv
       out.append(dataclasses.replace(SETTINGS[v], stem='xla' if stem == 'row_fold' else 'cpu'))
       # Reductions left to XLA's own kernels, to show what YNNPACK's save.
-      kinds = state_lib.ynn_fusion_types(pretrain.get_config(v).train.cpu_ynn_fusion_types)
+      kinds = state_lib.ynn_fusion_types(config.train.cpu_ynn_fusion_types)
       if 'reduce' in kinds:
         out.append(dataclasses.replace(SETTINGS[v], ynn_fusion_types=','.join(
             kind for kind in kinds if kind != 'reduce')))
