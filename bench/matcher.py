@@ -1,7 +1,8 @@
 """Benchmark: the batched DETR matcher against its peers, on DETR-like costs.
 
 Peers, all solving the same B problems:
-- e2e_vlp `match` with method 'hungarian' (in-graph) and 'scipy' (one host callback);
+- e2e_vlp `match` with method 'hungarian' (in-graph: `e2e_vlp.losses.assignment`, the
+  whole batch stepped at once) and 'scipy' (one host callback);
 - optax's `hungarian_algorithm` under `jax.vmap` and under `lax.map`;
 - scipy's `linear_sum_assignment` in a Python loop over the batch, as PyTorch DETR does
   (device-to-host copy included);

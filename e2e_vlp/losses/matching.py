@@ -1,25 +1,25 @@
 """Batched optimal bipartite matching of object queries to target boxes, inside `jit`.
 
 Two interchangeable solvers, chosen by `config.loss.det.matcher`:
-- 'hungarian': `optax.assignment.hungarian_algorithm` in the XLA graph, for accelerators,
-  where a host matcher stalls the device (facebookresearch/detr#150).
+- 'hungarian': an exact shortest-augmenting-path solver in the XLA graph that steps the
+  whole batch at once (`e2e_vlp.losses.assignment`), for accelerators, where a host
+  matcher stalls the device (facebookresearch/detr#150), and for CPUs alike.
 - 'scipy': `scipy.optimize.linear_sum_assignment` (float64, the solver PyTorch DETR uses)
   on the host, in ONE callback for the whole (per-device) batch. On the CPU backend the
   callback is `buffer_callback`, which hands the host XLA's own buffers and takes the
   answer in place (~0.01 ms per call against ~0.15 ms for `pure_callback`'s copies); on
   other backends `pure_callback` copies to and from the device. Each example is solved on
   its valid columns only (a view when the padding is trailing), transposed so that the
-  solver's rows are the targets. bench/matcher.py, B=64, 100x50, loaded 2-core host: 0.85x
-  scipy in a Python loop and ~0.03x the in-graph solver. scipy releases the GIL, but
-  splitting the batch over two threads measured no faster on that host, so one thread
-  solves the batch.
+  solver's rows are the targets. bench/matcher.py, B=64, 100x50, 2-core host: 0.78x
+  scipy in a Python loop and 0.57x the in-graph solver (0.03x optax's). scipy releases
+  the GIL, but splitting the batch over two threads measured no faster on that host, so
+  one thread solves the batch.
 
-Padded targets ('hungarian'): the solver sees every column, the invalid ones set to cost
-0. This keeps the optimum over the valid columns: Q >= M, so any assignment of the valid
-targets extends to a full one by giving each invalid target a leftover query at cost 0,
-and every full assignment costs (its valid part) + 0. A huge padding constant would do the
-same in exact arithmetic but in float32 it swamps the real costs in the dual potentials
-and gives suboptimal matches (seen with 1e4).
+Padded targets ('hungarian'): the solver never adds them (its row mask), so they cost no
+steps and cannot disturb the valid targets' optimum. (A huge padding cost instead would do
+the same in exact arithmetic, but in float32 it swamps the real costs in the dual
+potentials and gives suboptimal matches: seen with 1e4 under optax's solver, which this
+project used before.)
 
 Sharding: under `jax.set_mesh(mesh)` the batch is split over the devices with
 `jax.shard_map`, so each device solves its own examples and no collective runs inside the
@@ -32,10 +32,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import buffer_callback
 from scipy import optimize
 
+from e2e_vlp.losses import assignment
 from e2e_vlp.losses import boxes as box_ops
 
 METHODS = ('hungarian', 'scipy')
@@ -79,8 +79,7 @@ def match(cost: jax.Array, valid: jax.Array,
   if method == 'scipy':
     return jax.lax.stop_gradient(_per_device(_scipy, cost, valid))
   cost = jnp.nan_to_num(cost, nan=_COST_LIMIT, posinf=_COST_LIMIT, neginf=-_COST_LIMIT)
-  cost = jnp.where(valid[:, None, :], cost, 0.0)
-  query_for_target = jnp.where(valid, _per_device(_hungarian, cost, valid), -1)
+  query_for_target = _per_device(_hungarian, cost, valid)
   return jax.lax.stop_gradient((_invert(query_for_target, num_queries), query_for_target))
 
 
@@ -113,24 +112,15 @@ def _per_device(solve: Callable[[jax.Array, jax.Array], Any], cost: jax.Array,
   if num_shards == 1 or cost.shape[0] % num_shards:
     return solve(cost, valid)
   spec = jax.sharding.PartitionSpec(axes)
-  # check_vma=False: optax's loop carries start as unvarying constants, which the
+  # check_vma=False: the solver's loops start from unvarying constants, which the
   # varying-axes checker rejects; the body is purely per example, so nothing is lost.
   return jax.shard_map(solve, in_specs=(spec, spec), out_specs=spec,
                        check_vma=False)(cost, valid)
 
 
 def _hungarian(cost: jax.Array, valid: jax.Array) -> jax.Array:
-  """`[B, Q, M]` -> `[B, M]` query index per target (padding columns included)."""
-  del valid  # padded columns were already set to a constant
-  def solve_one(c):
-    queries, targets = optax.assignment.hungarian_algorithm(c)
-    return jnp.zeros(c.shape[1], jnp.int32).at[targets].set(queries.astype(jnp.int32))
-  # The solver's loops are latency-bound: on CPU a sequential map over examples measured
-  # up to 2.5x faster than vmap (bench/matcher.py), which runs every example to the slowest
-  # one's iteration count; accelerators need vmap's wide steps to hide launch latency.
-  if jax.default_backend() == 'cpu':
-    return jax.lax.map(solve_one, cost)
-  return jax.vmap(solve_one)(cost)
+  """`[B, Q, M]`, `[B, M]` -> `[B, M]` query index per target, -1 for padding."""
+  return assignment.assign_rows(jnp.swapaxes(cost, 1, 2), valid)
 
 
 def _solve_on_host(cost: np.ndarray, valid: np.ndarray, target_for_query: np.ndarray,

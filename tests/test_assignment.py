@@ -1,0 +1,66 @@
+"""The batched in-graph assignment solver against scipy's linear_sum_assignment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+from e2e_vlp.losses import assignment
+
+_solve = jax.jit(assignment.assign_rows)
+
+
+def _check(cost: np.ndarray, mask: np.ndarray, got: np.ndarray) -> None:
+  for b in range(cost.shape[0]):
+    rows = np.flatnonzero(mask[b])
+    assert (got[b, ~mask[b]] == -1).all(), b
+    cols = got[b, rows]
+    assert (cols >= 0).all() and len(set(cols.tolist())) == len(rows), (b, cols)
+    sub = cost[b, rows].astype(np.float64)
+    r, c = optimize.linear_sum_assignment(sub)
+    np.testing.assert_allclose(sub[np.arange(len(rows)), cols].sum(), sub[r, c].sum(),
+                               rtol=1e-6, atol=1e-5, err_msg=f'example {b}')
+
+
+@pytest.mark.parametrize('rows,cols,kind', [
+    (1, 1, 'uniform'), (1, 7, 'uniform'), (9, 9, 'uniform'), (20, 60, 'uniform'),
+    (12, 12, 'ties'), (8, 30, 'ties'), (10, 25, 'spread')])
+def test_matches_scipy_on_every_row(rows, cols, kind):
+  rng = np.random.default_rng(rows * 100 + cols)
+  shape = (40, rows, cols)
+  if kind == 'ties':  # few distinct values: many optimal assignments, exact-zero gaps
+    cost = rng.integers(0, 3, shape).astype(np.float32)
+  elif kind == 'spread':  # costs over six orders of magnitude, negative ones too
+    cost = (10.0 ** rng.uniform(-3, 3, shape) * rng.choice([-1, 1], shape)).astype(np.float32)
+  else:
+    cost = rng.random(shape, np.float32)
+  got = np.asarray(_solve(jnp.asarray(cost)))
+  assert got.shape == (40, rows) and got.dtype == np.int32
+  _check(cost, np.ones((40, rows), bool), got)
+
+
+def test_masked_rows_are_left_out_and_the_rest_optimal():
+  rng = np.random.default_rng(0)
+  cost = rng.random((60, 15, 20), np.float32)
+  mask = rng.random((60, 15)) < 0.5
+  mask[0], mask[1] = False, True  # nothing to assign; everything
+  # A masked row's costs are never read: NaN there changes nothing.
+  cost_with_nan = np.where(mask[:, :, None], cost, np.nan).astype(np.float32)
+  got = np.asarray(_solve(jnp.asarray(cost_with_nan), jnp.asarray(mask)))
+  assert (got[0] == -1).all()
+  _check(cost, mask, got)
+
+
+def test_each_problem_is_solved_as_if_alone():
+  """The batch steps together; an example's answer must not depend on its neighbours."""
+  rng = np.random.default_rng(1)
+  cost = rng.integers(0, 5, (16, 10, 14)).astype(np.float32)
+  together = np.asarray(_solve(jnp.asarray(cost)))
+  alone = np.concatenate([np.asarray(_solve(jnp.asarray(cost[b:b + 1]))) for b in range(16)])
+  np.testing.assert_array_equal(together, alone)
+
+
+def test_more_rows_than_columns_is_an_error():
+  with pytest.raises(ValueError, match='Transpose'):
+    assignment.assign_rows(jnp.zeros((2, 5, 4)))
