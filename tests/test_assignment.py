@@ -64,3 +64,13 @@ def test_each_problem_is_solved_as_if_alone():
 def test_more_rows_than_columns_is_an_error():
   with pytest.raises(ValueError, match='Transpose'):
     assignment.assign_rows(jnp.zeros((2, 5, 4)))
+
+
+def test_non_finite_costs_end_the_loops():
+  """NaN breaks the search's order; the step caps must still bring the solver back."""
+  cost = np.full((3, 6, 8), np.nan, np.float32)
+  cost[1, :, :4] = np.inf
+  cost[2] = np.random.default_rng(2).random((6, 8))
+  cost[2, 0, 0] = -np.inf
+  got = np.asarray(_solve(jnp.asarray(cost)))
+  assert got.shape == (3, 6) and ((got >= -1) & (got < 8)).all()

@@ -39,7 +39,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
   """Minimum-cost assignment of every (unmasked) row to a distinct column, per problem.
 
   Args:
-    cost: `[B, N, M]` finite costs, N <= M.
+    cost: `[B, N, M]` finite costs, N <= M. (Non-finite ones give an arbitrary answer;
+      `matching.match` replaces them first.)
     row_mask: `[B, N]` bool, the rows to assign (default all). A row whose mask is
       False is left out: never added, so it costs no steps and its costs are never read;
       the other rows get the optimum over them alone.
@@ -71,10 +72,14 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
         scanned_cols=jnp.zeros((batch, num_cols), bool),
         min_val=jnp.zeros((batch,), jnp.float32),
         row=jnp.full((batch,), current, jnp.int32),
-        sink=jnp.where(adding, -1, 0).astype(jnp.int32))
+        sink=jnp.where(adding, -1, 0).astype(jnp.int32),
+        steps=jnp.zeros((), jnp.int32))
 
+    # Each step scans a row not scanned before, so a search ends within N steps and a path
+    # has at most N rows. The caps only bind on non-finite costs (NaN breaks Dijkstra's
+    # order), which then give an arbitrary answer instead of a loop that never ends.
     def searching(s):
-      return jnp.any(s['sink'] < 0)
+      return jnp.any(s['sink'] < 0) & (s['steps'] < num_rows)
 
     def scan_row(s):
       active = s['sink'] < 0
@@ -100,7 +105,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
           scanned_cols=s['scanned_cols'] | (active[:, None] & (cols == col[:, None])),
           min_val=jnp.where(active, lowest, s['min_val']),
           row=jnp.where(active & (owner >= 0), owner, row),
-          sink=jnp.where(active & (owner < 0), col, s['sink']))
+          sink=jnp.where(active & (owner < 0), col, s['sink']),
+          steps=s['steps'] + 1)
 
     s = jax.lax.while_loop(searching, scan_row, search)
     min_val, shortest = s['min_val'][:, None], s['shortest']
@@ -112,18 +118,19 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
 
     # Augment: flip the matched and unmatched edges along the path back from the sink.
     def flipping(a):
-      return jnp.any(a[2])
+      return jnp.any(a[2]) & (a[4] < num_rows)
 
     def flip(a):
-      row4col, col4row, active, col = a
+      row4col, col4row, active, col, steps = a
       row = _pick(s['path'], col)
       row4col = _put(row4col, col, row, active)
       previous = _pick(col4row, row)
       col4row = _put(col4row, row, col, active)
-      return row4col, col4row, active & (row != current), previous
+      return row4col, col4row, active & (row != current), previous, steps + 1
 
-    row4col, col4row, _, _ = jax.lax.while_loop(
-        flipping, flip, (row4col, col4row, adding, s['sink']))
+    row4col, col4row, _, _, _ = jax.lax.while_loop(
+        flipping, flip, (row4col, col4row, adding, jnp.maximum(s['sink'], 0),
+                         jnp.zeros((), jnp.int32)))
     return u, v, row4col, col4row
 
   state = (jnp.zeros((batch, num_rows), jnp.float32), jnp.zeros((batch, num_cols), jnp.float32),
