@@ -118,7 +118,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
 
     # Augment: flip the matched and unmatched edges along the path back from the sink.
     def flipping(a):
-      return jnp.any(a[2]) & (a[4] < num_rows)
+      _, _, active, _, steps = a
+      return jnp.any(active) & (steps < num_rows)
 
     def flip(a):
       row4col, col4row, active, col, steps = a
