@@ -12,11 +12,16 @@ gathers along one axis and masked selects where a per-example solver would index
 scatter: an example that has finished its search idles through the batch's remaining
 steps. Such a loop is bound by the number of operations it launches per step (XLA:CPU's
 thunks, an accelerator's kernels), not by their size, so a whole batch costs about what
-one example does. `optax.assignment.hungarian_algorithm`, which this project used before,
-solves one example at a time (under `lax.map`) or scatters into batched arrays (under
-`vmap`): B=64 DETR-like problems of 100 queries x 50 targets took 51 ms with it under
-`lax.map` against 3.0 ms with this solver, 2.1 ms for scipy in a Python loop
-(`python bench/matcher.py`, 2-core AMD EPYC, 2026-12-07).
+one example does, and the step is written to launch few: each carried array costs one
+kernel per step, so a column's scanned flag rides in its `via` row index and a search's
+next row and sink share `node`; the rows scanned are found after the search, from the
+columns; the first step of each search and of each path flip runs before its loop.
+`optax.assignment.hungarian_algorithm`, which this project used before, solves one
+example at a time (under `lax.map`) or scatters into batched arrays (under `vmap`): B=64
+DETR-like problems of 100 queries x 50 targets took 52 ms with it under `lax.map` against
+2.0 ms with this solver, 2.2 ms for scipy in a Python loop (`python bench/matcher.py`,
+2-core AMD EPYC, 2026-12-07 14:43; the ratio to scipy moves between 0.9x and 1.1x from run
+to run on this shared host).
 """
 
 import jax
@@ -26,6 +31,11 @@ import jax.numpy as jnp
 def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
   """values [B, N], index [B] -> [B]: values[b, index[b]]."""
   return jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+
+
+def _pick_each(values: jax.Array, index: jax.Array) -> jax.Array:
+  """values [B, M], index [B, N] (>= 0 where used) -> [B, N]: values[b, index[b, n]]."""
+  return jnp.take_along_axis(values, jnp.maximum(index, 0), axis=1)
 
 
 def _put(values: jax.Array, index: jax.Array, new: jax.Array, where: jax.Array
@@ -39,8 +49,9 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
   """Minimum-cost assignment of every (unmasked) row to a distinct column, per problem.
 
   Args:
-    cost: `[B, N, M]` finite costs, N <= M. (Non-finite ones give an arbitrary answer;
-      `matching.match` replaces them first.)
+    cost: `[B, N, M]` finite costs, N <= M. (Non-finite ones still give a full
+      assignment, in at most N steps per row, but not an optimal one; `matching.match`
+      replaces them first.)
     row_mask: `[B, N]` bool, the rows to assign (default all). A row whose mask is
       False is left out: never added, so it costs no steps and its costs are never read;
       the other rows get the optimum over them alone.
@@ -67,71 +78,86 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
     # Dijkstra from row `current` over the columns, on reduced costs c - u - v >= 0.
     search = dict(
         shortest=jnp.full((batch, num_cols), jnp.inf, jnp.float32),
-        path=jnp.zeros((batch, num_cols), jnp.int32),  # the row each column is reached from
-        scanned_rows=jnp.zeros((batch, num_rows), bool),
-        scanned_cols=jnp.zeros((batch, num_cols), bool),
+        # The row each column is reached from, + N once the column is scanned.
+        via=jnp.full((batch, num_cols), current, jnp.int32),
         min_val=jnp.zeros((batch,), jnp.float32),
-        row=jnp.full((batch,), current, jnp.int32),
-        sink=jnp.where(adding, -1, 0).astype(jnp.int32),
-        steps=jnp.zeros((), jnp.int32))
+        # The row to scan next (>= 0), or -1 - sink once the search has ended.
+        node=jnp.where(adding, current, -1).astype(jnp.int32),
+        row_cost=jnp.zeros((batch, num_cols + 1), jnp.float32))
 
-    # Each step scans a row not scanned before, so a search ends within N steps and a path
-    # has at most N rows. The caps only bind on non-finite costs (NaN breaks Dijkstra's
-    # order), which then give an arbitrary answer instead of a loop that never ends.
+    # Each step scans a column not scanned before (the key below leaves scanned ones
+    # out, and `shortest` is never NaN: a NaN cost fails `reduced < shortest`), and a
+    # free column ends the search, so a search ends within N steps for any costs.
     def searching(s):
-      return jnp.any(s['sink'] < 0) & (s['steps'] < num_rows)
+      return jnp.any(s['node'] >= 0)
 
-    def scan_row(s):
-      active = s['sink'] < 0
-      row = s['row']
-      scanned_rows = s['scanned_rows'] | (active[:, None] & (rows == row[:, None]))
-      row_cost = jnp.take_along_axis(cost, row[:, None, None], axis=1)[:, 0]
-      reduced = s['min_val'][:, None] + row_cost - _pick(u, row)[:, None] - v
-      better = active[:, None] & ~s['scanned_cols'] & (reduced < s['shortest'])
-      path = jnp.where(better, row[:, None], s['path'])
+    def scan(s, row_cost, row_dual):
+      """One step: scan row `node` (costs `row_cost` [B, M], dual `row_dual` [B])."""
+      node = s['node']
+      active = node >= 0
+      row = jnp.maximum(node, 0)
+      scanned = s['via'] >= num_rows
+      reduced = s['min_val'][:, None] + row_cost - row_dual[:, None] - v
+      better = active[:, None] & ~scanned & (reduced < s['shortest'])
       shortest = jnp.where(better, reduced, s['shortest'])
       # The closest unscanned column; among equals a free one, which ends the search. Its
       # index is the smallest key (a free column's key is its index, a taken one's index +
       # M): on XLA:CPU a min costs ~1 us per step where argmin's variadic reduction
       # costs ~17 us.
-      remaining = jnp.where(s['scanned_cols'], jnp.inf, shortest)
+      remaining = jnp.where(scanned, jnp.inf, shortest)
       lowest = remaining.min(axis=1)
-      key = jnp.where(remaining == lowest[:, None],
+      key = jnp.where(~scanned & (remaining == lowest[:, None]),
                       jnp.where(row4col < 0, col_keys, col_keys + num_cols), 2 * num_cols)
       col = (key.min(axis=1) % num_cols).astype(jnp.int32)
       owner = _pick(row4col, col)
+      via = (jnp.where(better, row[:, None], s['via'])
+             + jnp.where(active[:, None] & (cols == col[:, None]), num_rows, 0))
       return dict(
-          shortest=shortest, path=path, scanned_rows=scanned_rows,
-          scanned_cols=s['scanned_cols'] | (active[:, None] & (cols == col[:, None])),
+          shortest=shortest, via=via,
           min_val=jnp.where(active, lowest, s['min_val']),
-          row=jnp.where(active & (owner >= 0), owner, row),
-          sink=jnp.where(active & (owner < 0), col, s['sink']),
-          steps=s['steps'] + 1)
+          node=jnp.where(active, jnp.where(owner >= 0, owner, -1 - col), node),
+          row_cost=s['row_cost'])
 
-    s = jax.lax.while_loop(searching, scan_row, search)
-    min_val, shortest = s['min_val'][:, None], s['shortest']
-    # Duals: the scanned rows and columns move by how much closer than the sink they were.
-    matched_cost = jnp.take_along_axis(shortest, jnp.maximum(col4row, 0), axis=1)
+    def scan_next_row(s):
+      # The row's costs are written into a carried buffer: XLA:CPU splits a gather from
+      # the whole [B, N, M] cost across threads (its cost model counts the operand, 1.3 MB
+      # at DETR's shape), and the hand-off costs more than the copy; an in-place
+      # dynamic_update_slice is never split.
+      row = jnp.maximum(s['node'], 0)
+      buffer = jax.lax.dynamic_update_slice(
+          s['row_cost'], jnp.take_along_axis(cost, row[:, None, None], axis=1)[:, 0], (0, 0))
+      return scan(dict(s, row_cost=buffer), buffer[:, :num_cols], _pick(u, row))
+
+    # The first step runs before the loop: its row is `current` everywhere, a slice
+    # instead of a gather, and many searches end with it.
+    s = jax.lax.while_loop(searching, scan_next_row,
+                           scan(search, cost[:, current], u[:, current]))
+    # Duals: the scanned columns, and the rows matched to them, move by how much closer
+    # than the sink they were; the new row by the sink's distance.
+    min_val = s['min_val'][:, None]
+    delta = jnp.where(s['via'] >= num_rows, min_val - s['shortest'], 0.0)
+    v = v - delta
     u = u + jnp.where((rows == current) & adding[:, None], min_val,
-                      jnp.where(s['scanned_rows'], min_val - matched_cost, 0.0))
-    v = v - jnp.where(s['scanned_cols'], min_val - shortest, 0.0)
+                      jnp.where(col4row >= 0, _pick_each(delta, col4row), 0.0))
 
     # Augment: flip the matched and unmatched edges along the path back from the sink.
+    # Each column on it was reached from a row scanned before the column, and that row
+    # through its matched column, scanned earlier still, so the walk ends at `current`
+    # within N steps whatever the costs.
     def flipping(a):
-      _, _, active, _, steps = a
-      return jnp.any(active) & (steps < num_rows)
+      return jnp.any(a[2])
 
     def flip(a):
-      row4col, col4row, active, col, steps = a
-      row = _pick(s['path'], col)
+      row4col, col4row, active, col = a
+      row = _pick(s['via'], col) % num_rows
       row4col = _put(row4col, col, row, active)
       previous = _pick(col4row, row)
       col4row = _put(col4row, row, col, active)
-      return row4col, col4row, active & (row != current), previous, steps + 1
+      return row4col, col4row, active & (row != current), previous
 
-    row4col, col4row, _, _, _ = jax.lax.while_loop(
-        flipping, flip, (row4col, col4row, adding, jnp.maximum(s['sink'], 0),
-                         jnp.zeros((), jnp.int32)))
+    # The first step runs before the loop, as the search's does: most paths are one edge.
+    row4col, col4row, _, _ = jax.lax.while_loop(
+        flipping, flip, flip((row4col, col4row, adding, -1 - s['node'])))
     return u, v, row4col, col4row
 
   state = (jnp.zeros((batch, num_rows), jnp.float32), jnp.zeros((batch, num_cols), jnp.float32),
