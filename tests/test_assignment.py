@@ -52,6 +52,21 @@ def test_masked_rows_are_left_out_and_the_rest_optimal():
   _check(cost, mask, got)
 
 
+def test_trailing_rows_left_out_everywhere_are_skipped():
+  """The rows after the last one any example assigns are skipped: as if they were absent."""
+  rng = np.random.default_rng(3)
+  cost = rng.random((8, 12, 20), np.float32)
+  mask = np.zeros((8, 12), bool)
+  mask[:, :5] = rng.random((8, 5)) < 0.7
+  got = np.asarray(_solve(jnp.asarray(cost), jnp.asarray(mask)))
+  alone = np.asarray(_solve(jnp.asarray(cost[:, :5]), jnp.asarray(mask[:, :5])))
+  np.testing.assert_array_equal(got[:, :5], alone)
+  assert (got[:, 5:] == -1).all()
+  _check(cost, mask, got)
+  none = np.asarray(_solve(jnp.asarray(cost), jnp.zeros((8, 12), bool)))
+  assert (none == -1).all()
+
+
 def test_each_problem_is_solved_as_if_alone():
   """The batch steps together; an example's answer must not depend on its neighbours."""
   rng = np.random.default_rng(1)

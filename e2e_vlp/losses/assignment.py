@@ -162,5 +162,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
 
   state = (jnp.zeros((batch, num_rows), jnp.float32), jnp.zeros((batch, num_cols), jnp.float32),
            jnp.full((batch, num_cols), -1, jnp.int32), jnp.full((batch, num_rows), -1, jnp.int32))
-  _, _, _, col4row = jax.lax.fori_loop(0, num_rows, add_row, state)
+  # Rows after the last one any example assigns are left out everywhere: padded targets
+  # (`matching.match`'s, at the end of each example's list) cost no passes.
+  num_added = jnp.max(jnp.where(row_mask, rows + 1, 0))
+  _, _, _, col4row = jax.lax.fori_loop(0, num_added, add_row, state)
   return col4row
