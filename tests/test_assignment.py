@@ -40,6 +40,13 @@ def test_matches_scipy_on_every_row(rows, cols, kind):
   _check(cost, np.ones((40, rows), bool), got)
 
 
+def test_the_search_undoes_a_greedy_start_that_is_not_optimal():
+  """Both rows want column 0; the greedy start gives it to row 0 (1 + 10 = 11), the search
+  for row 1 must move row 0 to column 1 (2 + 1 = 3)."""
+  cost = jnp.asarray([[[1.0, 2.0, 50.0], [1.0, 10.0, 60.0]]])
+  np.testing.assert_array_equal(np.asarray(_solve(cost)), [[1, 0]])
+
+
 def test_masked_rows_are_left_out_and_the_rest_optimal():
   rng = np.random.default_rng(0)
   cost = rng.random((60, 15, 20), np.float32)
