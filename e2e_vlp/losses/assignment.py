@@ -54,8 +54,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
       assignment, in at most N steps per row, but not an optimal one; `matching.match`
       replaces them first.)
     row_mask: `[B, N]` bool, the rows to assign (default all). A row whose mask is
-      False is left out: never added, so it costs no steps and its costs are never read;
-      the other rows get the optimum over them alone.
+      False is left out: never added, so it costs no steps, and its costs (NaN or not)
+      change nothing; the other rows get the optimum over them alone.
 
   Returns:
     `[B, N]` int32: the column assigned to each row, -1 for the rows left out. The total
@@ -67,8 +67,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
     raise ValueError(f'assign_rows needs no more rows than columns (N <= M); got cost '
                      f'{cost.shape}. Transpose the problem.')
   cost = cost.astype(jnp.float32)
-  if row_mask is None:
-    row_mask = jnp.ones((batch, num_rows), bool)
+  row_mask = (jnp.ones((batch, num_rows), bool) if row_mask is None
+              else row_mask.astype(bool))
   rows = jnp.arange(num_rows)
   cols = jnp.arange(num_cols)
   col_keys = cols.astype(jnp.float32)  # exact below 2^24 columns
@@ -83,7 +83,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
   claim = jnp.where(row_mask, claim, num_cols).astype(jnp.int32)  # M: no claim (or NaN)
   first_claim = jnp.full((batch, num_cols), num_rows, jnp.int32).at[example, claim].min(
       jnp.broadcast_to(rows, (batch, num_rows)), mode='drop')
-  greedy = (claim < num_cols) & (_pick_each(first_claim, claim) == rows)
+  greedy = (claim < num_cols) & (
+      _pick_each(first_claim, jnp.minimum(claim, num_cols - 1)) == rows)
   searched = row_mask & ~greedy
   num_searched = searched.sum(axis=1)
   order = jnp.zeros((batch, num_rows), jnp.int32).at[
