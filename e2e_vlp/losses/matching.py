@@ -10,10 +10,10 @@ Two interchangeable solvers, chosen by `config.loss.det.matcher`:
   answer in place (~0.01 ms per call against ~0.15 ms for `pure_callback`'s copies); on
   other backends `pure_callback` copies to and from the device. Each example is solved on
   its valid columns only (a view when the padding is trailing), transposed so that the
-  solver's rows are the targets. bench/matcher.py, B=64, 100x50, 2-core host: 0.78x
-  scipy in a Python loop and 0.57x the in-graph solver (0.03x optax's). scipy releases
-  the GIL, but splitting the batch over two threads measured no faster on that host, so
-  one thread solves the batch.
+  solver's rows are the targets. bench/matcher.py, B=64, 100x50, 2-core host (the full
+  run of 2026-12-07 14:59): 0.76x scipy in a Python loop, but 1.4x the in-graph solver
+  (0.03x optax's). scipy releases the GIL, but splitting the batch over two threads
+  measured no faster on that host, so one thread solves the batch.
 
 Padded targets ('hungarian'): the solver never adds them (its row mask), so they cost no
 steps and cannot disturb the valid targets' optimum. (A huge padding cost instead would do
