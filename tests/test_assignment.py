@@ -52,7 +52,7 @@ def test_masked_rows_are_left_out_and_the_rest_optimal():
   cost = rng.random((60, 15, 20), np.float32)
   mask = rng.random((60, 15)) < 0.5
   mask[0], mask[1] = False, True  # nothing to assign; everything
-  # A masked row's costs are never read: NaN there changes nothing.
+  # A masked row's costs change nothing, NaN included (the greedy start reads them).
   cost_with_nan = np.where(mask[:, :, None], cost, np.nan).astype(np.float32)
   got = np.asarray(_solve(jnp.asarray(cost_with_nan), jnp.asarray(mask)))
   assert (got[0] == -1).all()
