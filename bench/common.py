@@ -116,6 +116,49 @@ def time_interleaved(fns: Mapping[str, Thunk], *, warmup: int, repeats: int,
 
 
 @dataclasses.dataclass(frozen=True)
+class PairedRatio:
+  """Per-round time ratios of two peers: their median and interquartile range."""
+  median: float
+  low: float  # first quartile
+  high: float  # third quartile
+  rounds: int
+
+  @classmethod
+  def of(cls, ratios: Sequence[float]) -> 'PairedRatio':
+    if not ratios:
+      raise ValueError('PairedRatio needs at least one round.')
+    low, _, high = (statistics.quantiles(ratios, n=4) if len(ratios) > 1
+                    else (ratios[0],) * 3)
+    return cls(statistics.median(ratios), low, high, len(ratios))
+
+  def __str__(self) -> str:
+    return f'median of {self.rounds} paired rounds, IQR {self.low:.2f}-{self.high:.2f}'
+
+
+def paired_ratio(ours: Thunk, peer: Thunk, *, rounds: int,
+                 sync: Callable[[Any], Any] = jax.block_until_ready) -> PairedRatio:
+  """Time ratio ours / peer, round by round, each round timing both back to back.
+
+  A round's two steps share the host's load of that moment, so the per-round ratio cancels
+  the drift that moves both (on this shared host a peer's step has moved by 14% between two
+  runs of unchanged code); the order alternates, so neither peer always runs right after
+  the other (whose worker threads may still be spinning). Call after warm-up.
+  """
+  if rounds < 1:
+    raise ValueError(f'rounds={rounds} must be at least 1.')
+  ratios = []
+  for round_index in range(rounds):
+    ms = {}
+    order = (('ours', ours), ('peer', peer))
+    for name, fn in order if round_index % 2 == 0 else order[::-1]:
+      start = time.perf_counter()
+      sync(fn())
+      ms[name] = time.perf_counter() - start
+    ratios.append(ms['ours'] / ms['peer'])
+  return PairedRatio.of(ratios)
+
+
+@dataclasses.dataclass(frozen=True)
 class Compiled:
   """An ahead-of-time compiled function and what XLA says about it."""
   fn: Callable[..., Any]

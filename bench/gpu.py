@@ -136,7 +136,7 @@ def run(plan: Plan, emit: Callable[[str], None], sections: tuple[str, ...] = SEC
     shape_start = time.perf_counter()
     rows, verdicts = detr_step.compare(
         {shape_name: shape}, {shape_name: plan.detr_variants}, hf_peers(device),
-        {shape_name: plan.repeats})
+        {shape_name: plan.repeats}, {shape_name: plan.repeats})
     emit('\n'.join(
         [f'## DETR training step at {shape_name}: ours (bf16) vs Hugging Face DETR, same '
          'device', '', common.markdown_table(detr_step.HEADERS, rows), '',

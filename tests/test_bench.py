@@ -47,6 +47,31 @@ def test_time_interleaved_takes_medians_of_interleaved_rounds(monkeypatch):
   assert ms == pytest.approx({'a': 3.0, 'b': 10.0})  # b's fastest run, a's median
 
 
+def test_paired_ratio_alternates_order_and_takes_per_round_ratios(monkeypatch):
+  clock = [0.0]
+  calls = []
+  # Rounds where a load spike slows both peers (round 2) must not move the ratio.
+  durations = {'ours': iter([1.0, 3.0, 1.0, 1.0]), 'peer': iter([2.0, 6.0, 2.5, 1.0])}
+
+  def make(name):
+    def fn():
+      calls.append(name)
+      clock[0] += next(durations[name])
+    return fn
+
+  monkeypatch.setattr(common.time, 'perf_counter', lambda: clock[0])
+  paired = common.paired_ratio(make('ours'), make('peer'), rounds=4)
+  assert calls == ['ours', 'peer', 'peer', 'ours', 'ours', 'peer', 'peer', 'ours']
+  # Ratios 0.5, 0.5, 0.4, 1.0: median 0.5; quartiles by statistics' 'exclusive' method.
+  assert paired.median == pytest.approx(0.5)
+  assert (paired.low, paired.high) == pytest.approx((0.425, 0.875))
+  assert paired.rounds == 4
+  assert str(paired) == 'median of 4 paired rounds, IQR 0.43-0.88'
+  assert common.PairedRatio.of([0.7]) == common.PairedRatio(0.7, 0.7, 0.7, 1)
+  with pytest.raises(ValueError, match='rounds=0'):
+    common.paired_ratio(make('ours'), make('peer'), rounds=0)
+
+
 def test_compile_with_stats_counts_matmul_flops():
   m, k, n = 64, 48, 32
   compiled = common.compile_with_stats(jax.jit(jnp.matmul), jnp.ones((m, k)), jnp.ones((k, n)))
