@@ -26,42 +26,41 @@ from e2e_vlp.tasks import pretrain as pretrain_task
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_time_interleaved_takes_medians_of_interleaved_rounds(monkeypatch):
-  clock = [0.0]
-  calls = []
-  durations = {'a': iter([9.0, 0.001, 0.005, 0.003]), 'b': iter([9.0, 0.010, 0.030, 0.020])}
+class FakeSteps:
+  """Thunks that advance a fake `common.time.perf_counter` by scripted durations (s)."""
 
-  def make(name):
+  def __init__(self, monkeypatch, **durations):
+    self.clock, self.calls = 0.0, []
+    self.script(**durations)
+    monkeypatch.setattr(common.time, 'perf_counter', lambda: self.clock)
+
+  def script(self, **durations):
+    self.durations = {name: iter(values) for name, values in durations.items()}
+
+  def __getitem__(self, name):
     def fn():
-      calls.append(name)
-      clock[0] += next(durations[name])
+      self.calls.append(name)
+      self.clock += next(self.durations[name])
     return fn
 
-  monkeypatch.setattr(common.time, 'perf_counter', lambda: clock[0])
-  ms = common.time_interleaved({'a': make('a'), 'b': make('b')}, warmup=1, repeats=3)
+
+def test_time_interleaved_takes_medians_of_interleaved_rounds(monkeypatch):
+  runs = {'a': [9.0, 0.001, 0.005, 0.003], 'b': [9.0, 0.010, 0.030, 0.020]}
+  steps = FakeSteps(monkeypatch, **runs)
+  ms = common.time_interleaved({'a': steps['a'], 'b': steps['b']}, warmup=1, repeats=3)
   assert ms == pytest.approx({'a': 3.0, 'b': 20.0})  # the warm-up's 9 s is not counted
-  assert calls == ['a', 'b'] * 4
-  durations.update(a=iter([9.0, 0.001, 0.005, 0.003]), b=iter([9.0, 0.010, 0.030, 0.020]))
-  ms = common.time_interleaved({'a': make('a'), 'b': make('b')}, warmup=1, repeats=3,
+  assert steps.calls == ['a', 'b'] * 4
+  steps.script(**runs)
+  ms = common.time_interleaved({'a': steps['a'], 'b': steps['b']}, warmup=1, repeats=3,
                                statistic={'b': min})
   assert ms == pytest.approx({'a': 3.0, 'b': 10.0})  # b's fastest run, a's median
 
 
 def test_paired_ratio_alternates_order_and_takes_per_round_ratios(monkeypatch):
-  clock = [0.0]
-  calls = []
   # Rounds where a load spike slows both peers (round 2) must not move the ratio.
-  durations = {'ours': iter([1.0, 3.0, 1.0, 1.0]), 'peer': iter([2.0, 6.0, 2.5, 1.0])}
-
-  def make(name):
-    def fn():
-      calls.append(name)
-      clock[0] += next(durations[name])
-    return fn
-
-  monkeypatch.setattr(common.time, 'perf_counter', lambda: clock[0])
-  paired = common.paired_ratio(make('ours'), make('peer'), rounds=4)
-  assert calls == ['ours', 'peer', 'peer', 'ours', 'ours', 'peer', 'peer', 'ours']
+  steps = FakeSteps(monkeypatch, ours=[1.0, 3.0, 1.0, 1.0], peer=[2.0, 6.0, 2.5, 1.0])
+  paired = common.paired_ratio(steps['ours'], steps['peer'], rounds=4)
+  assert steps.calls == ['ours', 'peer', 'peer', 'ours', 'ours', 'peer', 'peer', 'ours']
   # Ratios 0.5, 0.5, 0.4, 1.0: median 0.5; quartiles by statistics' 'exclusive' method.
   assert paired.median == pytest.approx(0.5)
   assert (paired.low, paired.high) == pytest.approx((0.425, 0.875))
@@ -69,7 +68,7 @@ def test_paired_ratio_alternates_order_and_takes_per_round_ratios(monkeypatch):
   assert str(paired) == 'median of 4 paired rounds, IQR 0.43-0.88'
   assert common.PairedRatio.of([0.7]) == common.PairedRatio(0.7, 0.7, 0.7, 1)
   with pytest.raises(ValueError, match='rounds=0'):
-    common.paired_ratio(make('ours'), make('peer'), rounds=0)
+    common.paired_ratio(steps['ours'], steps['peer'], rounds=0)
 
 
 def test_compile_with_stats_counts_matmul_flops():
