@@ -308,7 +308,8 @@ def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],
       fns[variant.name] = runners[variant.name]
     ms = common.time_interleaved(fns, warmup=WARMUP.get(shape_name, 1),
                                  repeats=repeats[shape_name])
-    hf_ms = min(ms[name] for name in hf_peers)
+    hf_name = min(hf_peers, key=ms.get)
+    hf_ms = ms[hf_name]
     ours_params = param_count(next(iter(runners.values())).state.params)
     for name, value in ms.items():
       runner = runners.get(name)
@@ -322,7 +323,6 @@ def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],
       continue
     default = Variant().name
     if default in runners:
-      hf_name = min(hf_peers, key=ms.get)
       paired = common.paired_ratio(runners[default], fns[hf_name],
                                    rounds=paired_rounds[shape_name])
       verdicts.append(common.target_line(

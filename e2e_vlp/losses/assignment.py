@@ -119,7 +119,8 @@ def assign_rows(cost: jax.Array, row_mask: jax.Array | None = None) -> jax.Array
       # The row's costs go into a carried buffer: XLA:CPU splits a gather from the whole
       # [B, N, M] cost across threads (its cost model counts the operand, 1.3 MB at
       # DETR's shape), and the hand-off costs more than the copy; an in-place
-      # dynamic_update_slice is never split.
+      # dynamic_update_slice is never split. The buffer has one column more than a row:
+      # XLA replaces an update that covers its whole buffer by the update itself.
       row_cost = jax.lax.dynamic_update_slice(
           s['row_cost'], jnp.take_along_axis(cost, row[:, None, None], axis=1)[:, 0], (0, 0))
       reduced = s['min_val'][:, None] + row_cost[:, :num_cols] - _pick(u, row)[:, None] - v
