@@ -115,6 +115,31 @@ def time_interleaved(fns: Mapping[str, Thunk], *, warmup: int, repeats: int,
   return {name: pick.get(name, statistics.median)(values) for name, values in times.items()}
 
 
+def time_in_blocks(fns: Mapping[str, Thunk], *, rounds: int, warmup: int, repeats: int,
+                   sync: Callable[[Any], Any] = jax.block_until_ready) -> dict[str, float]:
+  """name -> the median over `rounds` of each function's block median, in milliseconds.
+
+  For peers that must not run right after each other (bench/conv_ops.py: XLA's convolution
+  ran slower right after a PyTorch call): each round runs every function's block of
+  `repeats` calls in turn, the first function moving one place each round, so a load spike
+  during one block spoils one of the function's `rounds` medians instead of its only one.
+  `warmup` untimed calls of each come first.
+  """
+  if rounds < 1:
+    raise ValueError(f'rounds={rounds} must be at least 1.')
+  names = list(fns)
+  for name in names:
+    for _ in range(warmup):
+      sync(fns[name]())
+  medians: dict[str, list[float]] = {name: [] for name in names}
+  for round_index in range(rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      medians[name].append(
+          time_interleaved({name: fns[name]}, warmup=0, repeats=repeats, sync=sync)[name])
+  return {name: statistics.median(values) for name, values in medians.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class PairedRatio:
   """Per-round time ratios of two peers: their median and interquartile range."""

@@ -32,6 +32,7 @@ from e2e_vlp.train import state as state_lib  # noqa: E402
 
 LIBRARIES = {'XLA': 'individual_dot', 'YNNPACK': 'individual_dot,individual_convolution'}
 OPS = ('forward', 'input grad', 'kernel grad')
+ROUNDS = 3  # blocks of runs per library and op (`common.time_in_blocks`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _as_nhwc(op: str, value: Any) -> np.ndarray:
   return array.transpose(2, 3, 1, 0) if op == 'kernel grad' else array.transpose(0, 2, 3, 1)
 
 
-def time_conv(conv: Conv, repeats: int, warmup: int) -> list[tuple]:
+def time_conv(conv: Conv, repeats: int, warmup: int, rounds: int = 1) -> list[tuple]:
   """Table rows for `conv`: one per op its step runs, with medians and agreement."""
   rng = np.random.default_rng(0)
   x = rng.standard_normal((conv.batch, conv.size, conv.size, conv.cin), np.float32)
@@ -141,13 +142,13 @@ def time_conv(conv: Conv, repeats: int, warmup: int) -> list[tuple]:
     scale = np.abs(reference).max()
     error = max(float(np.abs(np.asarray(fns[lib]()) - reference).max() / scale)
                 for lib in LIBRARIES)
-    # Each library's calls in a row, not interleaved with the peers as the step benchmarks
-    # are: XLA's convolution ran 4-6 ms slower right after a PyTorch call than after its own
-    # (ResNet-50's 32 and 16 px convs; the cause not pinned down, PyTorch's OpenMP workers
-    # spinning after their region is the likely one), as much as a difference between two
-    # libraries here, and an op lasts milliseconds, so the load drifts little over one block.
-    ms = {name: common.time_interleaved({name: fn}, warmup=warmup, repeats=repeats)[name]
-          for name, fn in fns.items()}
+    # Each library's calls in blocks, not interleaved call by call with the peers as the
+    # step benchmarks are: XLA's convolution ran 4-6 ms slower right after a PyTorch call
+    # than after its own (ResNet-50's 32 and 16 px convs; the cause not pinned down,
+    # PyTorch's OpenMP workers spinning after their region is the likely one), as much as a
+    # difference between two libraries here. One block per library let a load spike set a
+    # row (a 16 px conv at 6.0 ms in every library, 3.2 alone), hence rounds of blocks.
+    ms = common.time_in_blocks(fns, rounds=rounds, warmup=warmup, repeats=repeats)
     best = min(LIBRARIES, key=ms.get)
     rows.append((conv.where, f'{conv.size} px x {conv.cin}->{conv.cout}', op,
                  f'{ms["XLA"]:.1f}', f'{ms["YNNPACK"]:.1f}', f'{ms["PyTorch"]:.1f}',
@@ -168,15 +169,17 @@ def run(quick: bool = False, repeats: int | None = None,
   torch.set_num_threads(os.cpu_count() or 1)
   repeats = repeats or (5 if quick else 10)
   rows = [row for name in shapes for conv in SHAPES[name]
-          for row in time_conv(conv, repeats, warmup=2)]
+          for row in time_conv(conv, repeats, warmup=2, rounds=ROUNDS)]
   shape_lines = [f'- {name}: batch {SHAPES[name][0].batch}, {SHAPES[name][0].size} px '
                  f'images' for name in shapes]
   return '\n'.join([
       '## Backbone convolutions, op by op: XLA vs YNNPACK vs PyTorch (bench/conv_ops.py)', '',
       common.load_note(load), '', common.markdown_table(HEADERS, rows), '', *shape_lines,
-      f'- Medians of {repeats} runs in a row after 2 warm-up runs, each library in turn '
-      f'(`time_conv`); PyTorch {torch.get_num_threads()} threads, its gradients '
-      'without the forward pass, OMP_WAIT_POLICY='
+      f'- Each library: the median over {ROUNDS} rounds of the median of {repeats} runs in a '
+      'row, after 2 warm-up runs; in each round every library in turn, the first one '
+      'rotating (`time_conv`, `common.time_in_blocks`); PyTorch '
+      f'{torch.get_num_threads()} threads, its gradients without the forward pass, '
+      'OMP_WAIT_POLICY='
       f'{os.environ.get("OMP_WAIT_POLICY", "unset")} (bench/detr_step.py sets it on a busy '
       'host). Frozen convs (stem, stage 1): forward only.', ''])
 

@@ -71,6 +71,20 @@ def test_paired_ratio_alternates_order_and_takes_per_round_ratios(monkeypatch):
     common.paired_ratio(steps['ours'], steps['peer'], rounds=0)
 
 
+def test_time_in_blocks_rotates_blocks_and_takes_the_median_block(monkeypatch):
+  # a's block in round 2 hit a load spike (50-60 ms): one of its three medians, not the result.
+  steps = FakeSteps(monkeypatch, a=[9.0, 0.001, 0.003, 0.050, 0.060, 0.002, 0.002],
+                    b=[9.0, 0.010, 0.010, 0.020, 0.040, 0.010, 0.012])
+  ms = common.time_in_blocks({'a': steps['a'], 'b': steps['b']}, rounds=3, warmup=1,
+                             repeats=2)
+  assert steps.calls == ['a', 'b'] + ['a', 'a', 'b', 'b'] + ['b', 'b', 'a', 'a'] + [
+      'a', 'a', 'b', 'b']
+  # Block medians: a 2, 55, 2 ms; b 10, 30, 11 ms. The 9 s warm-up is not counted.
+  assert ms == pytest.approx({'a': 2.0, 'b': 11.0})
+  with pytest.raises(ValueError, match='rounds=0'):
+    common.time_in_blocks({'a': steps['a']}, rounds=0, warmup=0, repeats=1)
+
+
 def test_compile_with_stats_counts_matmul_flops():
   m, k, n = 64, 48, 32
   compiled = common.compile_with_stats(jax.jit(jnp.matmul), jnp.ones((m, k)), jnp.ones((k, n)))
