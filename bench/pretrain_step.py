@@ -243,6 +243,8 @@ def run(quick: bool = False, repeats: int | None = None,
       verdicts.append(common.target_line(f'{setting.name} compile (wall)',
                                          runner.step.compile_s, TARGET_COMPILE_S,
                                          at_most=True, unit=' s'))
+      # Not load-robust either: 56 and 65 s for the same code at loads 1.6 and 2.0
+      # (bench/RESULTS.md, the full runs of 2026-12-07 14:59 and 18:26).
       verdicts.append(common.target_line(f'{setting.name} compile (CPU time)',
                                          runner.step.compile_cpu_s, TARGET_COMPILE_S,
                                          at_most=True, unit=' s'))
@@ -256,8 +258,7 @@ def run(quick: bool = False, repeats: int | None = None,
       'the same load; the peak is its fastest run, the step its median. Compile CPU time '
       'counts this process\'s threads: the lowering in Python, then XLA, partly on two '
       'threads, so it can exceed the wall time. Host load inflates it less than the wall '
-      'time, but it does: 56 and 65 s for the same code at loads 1.6 and 2.0 (bench/'
-      'RESULTS.md, the runs of 2026-12-07 14:59 and 18:26).', ''] + verdicts
+      'time, but it does.', ''] + verdicts
   if any(float(row[-1]) > 1 for row in rows):
     lines += ['', 'A fraction above 1 is an artefact of host load: the matmul\'s threads wait '
               'for each other whenever one is descheduled, so load slows it more than the '
