@@ -21,6 +21,7 @@ Usage: python bench/pretrain_step.py [--quick] [--repeats N] [--variants tiny,ba
 
 import argparse
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -248,7 +249,12 @@ def run(quick: bool = False, repeats: int | None = None,
       verdicts.append(common.target_line(f'{setting.name} compile (CPU time)',
                                          runner.step.compile_cpu_s, TARGET_COMPILE_S,
                                          at_most=True, unit=' s'))
+    # Without this, each compile ran slower than the one before it in the process (base's
+    # four settings: 60, 69, 72, 80 s of CPU; with it 64, 76, 64, 65, the second being
+    # XLA's default level, which costs more), so a row's compile time showed its position.
     del runner
+    jax.clear_caches()
+    gc.collect()
   lines = [f'## {title}', '', common.load_note(load), '', common.markdown_table(
       ('config', 'batch', 'params M', 'compile s (wall / CPU)', 'ms/step', 'examples/s',
        'GFLOP/step', 'GFLOP/s', f'matmul {matmul_n}^3 {jnp.dtype(matmul_dtype).name} GFLOP/s',
