@@ -12,7 +12,9 @@ compilation without slowing the step; `tiny` keeps XLA's default), and with the 
 stem in the other form (`config.model.backbone.stem_conv` / `max_pool`: both configs use
 XLA's own convolution and max-pool, the row the forms XLA runs faster on CPU), and with
 reductions left to XLA's own kernels instead of YNNPACK's (`config.train.cpu_ynn_fusion_types`
-without 'reduce').
+without 'reduce'). Each such setting is also timed in paired rounds against the first row
+of its config (`common.paired_ratio`, alternating which runs first): the rows themselves are
+timed one after another, each in the load of its own minutes.
 
 `base` runs at a reduced canvas and batch on CPU (see SETTINGS); the model is the paper's.
 
@@ -83,6 +85,11 @@ SETTINGS = {
 }
 TARGET_PEAK_FRACTION = 0.5  # base step GFLOP/s / matmul GFLOP/s
 TARGET_COMPILE_S = 60.0
+# Paired rounds of each later setting against its config's first row, compiled again for
+# them (quick run; twice as many otherwise). Back-to-back rows misled: `tiny` at LLVM -O1
+# read 276 against 314 ms in one full run (2026-12-07 21:40), 1.008x (IQR 0.99-1.03) in 30
+# paired rounds.
+PAIRED_ROUNDS = {'tiny': 10, 'base': 3}
 
 
 def fraction(value: float) -> str:
@@ -219,6 +226,7 @@ def run(quick: bool = False, repeats: int | None = None,
   a = jax.random.normal(jax.random.key(0), (matmul_n, matmul_n), matmul_dtype)
   matmul = jax.jit(jnp.matmul)
   rows, verdicts = [], []
+  first = {}  # config name -> its first setting, the paired reference of its later ones
   for setting in settings or settings_for(quick, variants):
     config = setting_config(setting)
     runner = step_runner(config, setting.batch_size, pieces=pieces)
@@ -230,13 +238,22 @@ def run(quick: bool = False, repeats: int | None = None,
     peak = 2 * matmul_n ** 3 / (ms['matmul'] * 1e-3) / 1e9
     achieved = runner.step.flops / (ms['step'] * 1e-3) / 1e9
     params = sum(np.size(x) for x in jax.tree.leaves(runner.state.params))
+    if setting.variant not in first:
+      first[setting.variant], paired = setting, 'reference'
+    else:  # the reference compiled again now, so that no other step was alive above
+      ref = first[setting.variant]
+      reference = step_runner(setting_config(ref), ref.batch_size, pieces=pieces)
+      ratio = common.paired_ratio(runner, reference, rounds=PAIRED_ROUNDS.get(
+          setting.variant, 3) * (1 if quick else 2))
+      paired = f'{ratio.median:.3f}x (IQR {ratio.low:.2f}-{ratio.high:.2f})'
+      del reference
     rows.append((setting.name, f'{config.data.image_size}px x {setting.batch_size}',
                  f'{params / 1e6:.1f}',
                  f'{runner.step.compile_s:.0f} / {runner.step.compile_cpu_s:.0f}',
                  f'{ms["step"]:.0f}',
                  f'{setting.batch_size / ms["step"] * 1e3:.3g}',
                  f'{runner.step.flops / 1e9:.3g}', f'{achieved:.3g}', f'{peak:.4g}',
-                 fraction(achieved / peak)))
+                 fraction(achieved / peak), paired))
     if setting.variant == 'base':
       verdicts.append(common.target_line(f'{setting.name} step GFLOP/s / matmul peak',
                                          achieved / peak, TARGET_PEAK_FRACTION,
@@ -252,20 +269,32 @@ def run(quick: bool = False, repeats: int | None = None,
     # Without this, each compile ran slower than the one before it in the process (base's
     # four settings: 60, 69, 72, 80 s of CPU; with it 64, 76, 64, 65, the second being
     # XLA's default level, which costs more), so a row's compile time showed its position.
+    # Keeping the config's first step alive for the paired rounds brought it back (base's
+    # later settings: 75, 81, 84 s against 64 for the first, 2026-12-07 22:09), hence the
+    # reference compiled again after each setting's own compile.
     del runner
     jax.clear_caches()
     gc.collect()
-  lines = [f'## {title}', '', common.load_note(load), '', common.markdown_table(
-      ('config', 'batch', 'params M', 'compile s (wall / CPU)', 'ms/step', 'examples/s',
-       'GFLOP/step', 'GFLOP/s', f'matmul {matmul_n}^3 {jnp.dtype(matmul_dtype).name} GFLOP/s',
-       'fraction of peak'), rows), '',
-      'GFLOP/step: XLA cost analysis of the compiled step (forward, backward, optimizer; '
-      'a while loop counts once). The matmul runs interleaved with the step, so both see '
-      'the same load; the peak is its fastest run, the step its median. Compile CPU time '
-      'counts this process\'s threads: the lowering in Python, then XLA, partly on two '
-      'threads, so it can exceed the wall time. Host load inflates it less than the wall '
-      'time, but it does.', ''] + verdicts
-  if any(float(row[-1]) > 1 for row in rows):
+  headers = ('config', 'batch', 'params M', 'compile s (wall / CPU)', 'ms/step', 'examples/s',
+             'GFLOP/step', 'GFLOP/s',
+             f'matmul {matmul_n}^3 {jnp.dtype(matmul_dtype).name} GFLOP/s', 'fraction of peak',
+             'step vs the config\'s first row (paired)')
+  note = ('GFLOP/step: XLA cost analysis of the compiled step (forward, backward, optimizer; '
+          'a while loop counts once). The matmul runs interleaved with the step, so both see '
+          'the same load; the peak is its fastest run, the step its median. Compile CPU time '
+          'counts this process\'s threads: the lowering in Python, then XLA, partly on two '
+          'threads, so it can exceed the wall time. Host load inflates it less than the wall '
+          'time, but it does.')
+  if all(row[-1] == 'reference' for row in rows):  # one row per config: nothing paired
+    headers, rows = headers[:-1], [row[:-1] for row in rows]
+  else:
+    note += (' The rows are timed one after another, each under the load of its own '
+             'minutes; the last column compares a setting with its config\'s first row in '
+             'paired rounds (the median of per-round time ratios, alternating which runs '
+             'first), the figure to compare settings by.')
+  lines = [f'## {title}', '', common.load_note(load), '', common.markdown_table(headers, rows),
+           '', note, ''] + verdicts
+  if any(float(row[9]) > 1 for row in rows):
     lines += ['', 'A fraction above 1 is an artefact of host load: the matmul\'s threads wait '
               'for each other whenever one is descheduled, so load slows it more than the '
               'step; rerun on a quiet host for a meaningful fraction.']

@@ -85,6 +85,54 @@ def test_time_in_blocks_rotates_blocks_and_takes_the_median_block(monkeypatch):
     common.time_in_blocks({'a': steps['a']}, rounds=0, warmup=0, repeats=1)
 
 
+def test_pretrain_settings_are_paired_with_their_configs_first_row(monkeypatch):
+  """Each later setting is timed in paired rounds against its config's first row, compiled
+  again after the setting's own (timed) compile, so that every reported compile ran with no
+  other step alive; with one row per config no column is added."""
+  import weakref
+  built, paired, alive_at_build = [], [], []
+  ratio = common.PairedRatio.of([0.8, 0.9, 1.2])
+
+  class FakeRunner:
+    def __init__(self, name):
+      self.name, self.step = name, common.Compiled(None, 1.0, 2.0, 1e9)
+      self.state = common.AttrDict(params={})
+
+  def fake_runner(config, batch_size, pieces=None):
+    name = f'{config.model.d_model}/{config.train.cpu_backend_optimization_level}'
+    alive_at_build.append((name, [r().name for r in built if r() is not None]))
+    runner = FakeRunner(name)
+    built.append(weakref.ref(runner))
+    return runner
+
+  def fake_paired(ours, peer, rounds):
+    paired.append((ours.name, peer.name, rounds))
+    return ratio
+
+  monkeypatch.setattr(pretrain_step, 'step_runner', fake_runner)
+  monkeypatch.setattr(common, 'paired_ratio', fake_paired)
+  monkeypatch.setattr(common, 'time_interleaved',
+                      lambda fns, **_: {'step': 100.0, 'matmul': 10.0})
+  tiny, base = pretrain_step.SETTINGS['tiny'], pretrain_step.SETTINGS['base']
+  settings = [tiny, base, pretrain_step.dataclasses.replace(tiny, backend_level=1),
+              pretrain_step.dataclasses.replace(base, backend_level=-1)]
+  text = pretrain_step.run(quick=True, settings=settings)
+
+  t, b = (f'{pretrain.get_config(v).model.d_model}' for v in ('tiny', 'base'))
+  assert alive_at_build == [(f'{t}/-1', []), (f'{b}/1', []),
+                            (f'{t}/1', []), (f'{t}/-1', [f'{t}/1']),
+                            (f'{b}/-1', []), (f'{b}/1', [f'{b}/-1'])]
+  assert paired == [(f'{t}/1', f'{t}/-1', pretrain_step.PAIRED_ROUNDS['tiny']),
+                    (f'{b}/-1', f'{b}/1', pretrain_step.PAIRED_ROUNDS['base'])]
+  rows = [line for line in text.splitlines() if line.startswith(('| tiny', '| base'))]
+  cell = f'{ratio.median:.3f}x (IQR {ratio.low:.2f}-{ratio.high:.2f})'
+  assert cell == '0.900x (IQR 0.80-1.20)'
+  assert [row.rstrip(' |').rsplit('| ', 1)[-1] for row in rows] == [
+      'reference', 'reference', cell, cell]
+  one_each = pretrain_step.run(quick=True, settings=[tiny, base])
+  assert 'paired' not in one_each and 'reference' not in one_each
+
+
 def test_compile_with_stats_counts_matmul_flops():
   m, k, n = 64, 48, 32
   compiled = common.compile_with_stats(jax.jit(jnp.matmul), jnp.ones((m, k)), jnp.ones((k, n)))
