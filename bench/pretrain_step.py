@@ -244,8 +244,8 @@ def run(quick: bool = False, repeats: int | None = None,
     else:  # the reference compiled again now, so that no other step was alive above
       ref = first[setting.variant]
       reference = step_runner(setting_config(ref), ref.batch_size, pieces=pieces)
-      ratio = common.paired_ratio(runner, reference, rounds=PAIRED_ROUNDS.get(
-          setting.variant, 3) * (1 if quick else 2))
+      ratio = common.paired_ratio(runner, reference,
+                                  rounds=PAIRED_ROUNDS[setting.variant] * (1 if quick else 2))
       paired = f'{ratio.median:.3f}x (IQR {ratio.low:.2f}-{ratio.high:.2f})'
       del reference
     rows.append((setting.name, f'{config.data.image_size}px x {setting.batch_size}',

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,6 @@ def test_pretrain_settings_are_paired_with_their_configs_first_row(monkeypatch):
   """Each later setting is timed in paired rounds against its config's first row, compiled
   again after the setting's own (timed) compile, so that every reported compile ran with no
   other step alive; with one row per config no column is added."""
-  import weakref
   built, paired, alive_at_build = [], [], []
   ratio = common.PairedRatio.of([0.8, 0.9, 1.2])
 
