@@ -2,9 +2,10 @@
 
 Works with any flax module exposing the caption-cache protocol of `E2EVLP` (see the top of
 e2e_vlp/models/e2e_vlp.py): `encode_image`, `init_caption_cache`, `caption_step`, and
-`caption_logits` for the uncached reference. Cache leaves carry the batch as their leading
-axis except int32 scalars (the shared position), which is what lets beam search reorder
-hypotheses with one `jnp.take` per leaf.
+`caption_logits` for the uncached reference. Beam search asks `init_caption_cache` for k
+hypotheses per image: the self-attention cache leaves then have B * k rows, reordered with
+one `jnp.take` per leaf each step, while the cross-attention caches keep one row per image
+(B rows, shared by its beams, never reordered) and int32 scalars hold the shared position.
 
 Conventions shared by all decoders:
   * Outputs are the tokens after [BOS], [B, max_len] int32; the [EOS] is kept and every
@@ -84,8 +85,9 @@ def _encode(model: nn.Module, variables: Variables, image: jnp.ndarray,
 
 
 def _init_cache(model: nn.Module, variables: Variables, memory: jnp.ndarray,
-                memory_mask: jnp.ndarray, memory_pos: jnp.ndarray, max_len: int) -> Cache:
-  _, state = model.apply(variables, memory, memory_mask, memory_pos, max_len,
+                memory_mask: jnp.ndarray, memory_pos: jnp.ndarray, max_len: int,
+                beams: int = 1) -> Cache:
+  _, state = model.apply(variables, memory, memory_mask, memory_pos, max_len, beams,
                          method='init_caption_cache', mutable=['cache'])
   return state['cache']
 
@@ -270,13 +272,18 @@ def _beam_jit(variables, image, image_mask, alpha, *, model, rules, bos_id, eos_
               beam_size, pad_id, cached):
   del rules  # only a compile key
   module, k = model.module, beam_size
-  memory = [jnp.repeat(x, k, axis=0) for x in _encode(module, variables, image, image_mask)]
+  memory = _encode(module, variables, image, image_mask)
   if cached:
-    carry0 = _init_cache(module, variables, *memory, max_len)
+    carry0 = _init_cache(module, variables, *memory, max_len, beams=k)
     next_logits = lambda t, cache, last, seqs: _step(module, variables, cache, last)
-    reorder = lambda cache, rows: jax.tree.map(
-        lambda x: x if x.ndim == 0 else jnp.take(x, rows, axis=0), cache)
+    # Only leaves with a row per hypothesis follow the beams; an image's rows (the
+    # cross-attention caches) are the same for all of its beams. With k = 1 every
+    # hypothesis stays in its row.
+    reorder = lambda cache, rows: cache if k == 1 else jax.tree.map(
+        lambda x: jnp.take(x, rows, axis=0) if x.ndim and x.shape[0] == rows.shape[0] else x,
+        cache)
   else:  # every step reruns the caption decoder over each beam's whole prefix
+    memory = [jnp.repeat(x, k, axis=0) for x in memory]
     carry0, reorder = (), lambda carry, rows: carry
     next_logits = lambda t, carry, last, seqs: (
         _prefix_logits(module, variables, memory, seqs, t, bos_id), carry)
@@ -288,7 +295,8 @@ def beam_search(model: nn.Module, variables: Variables, image: jnp.ndarray,
                 image_mask: jnp.ndarray, *, bos_id: int, eos_id: int, max_len: int,
                 beam_size: int, length_penalty: float, pad_id: int = 0, cached: bool = True
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Beam search with the KV cache (cache tiled per beam, gathered by beam each step).
+  """Beam search with the KV cache (self-attention caches gathered by beam each step; the
+  image's cross-attention keys and values stored once, shared by its beams).
 
   Alive and finished hypotheses are kept apart (k of each); a hypothesis finishes when
   its [EOS] ranks among the k best candidates of the step. The search stops early when no

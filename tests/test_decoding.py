@@ -219,7 +219,7 @@ class _Markov(nn.Module):
     b = image.shape[0]
     return jnp.zeros((b, 1, 1)), jnp.ones((b, 1), bool), jnp.zeros((b, 1, 1))
 
-  def init_caption_cache(self, memory, memory_mask, memory_pos, max_len):
+  def init_caption_cache(self, memory, memory_mask, memory_pos, max_len, beams=1):
     self.core(None)
 
   def caption_step(self, tokens):

@@ -257,18 +257,23 @@ def test_sine_position_embedding_matches_detr_formula():
   np.testing.assert_allclose(np.asarray(edge), got[0, 1, 2], atol=1e-4)
 
 
-def decode_with_cache(model, variables, batch, with_full=False):
+def decode_with_cache(model, variables, batch, with_full=False, beams=1):
   """Caption logits from init_caption_cache + caption_step: a 2-token prefill, then 1 by 1.
 
   with_full: also return the teacher-forced logits without caption padding.
+  beams: hypotheses per image; hypothesis j of image b (row b * beams + j) decodes image
+    b - j's caption, and `full` is computed with the memory tiled per hypothesis.
   """
 
   @jax.jit
   def run(variables, image, image_mask, caption):
     memory = model.apply(variables, image, image_mask, method=E2EVLP.encode_image)
-    full = model.apply(variables, *memory, caption, jnp.ones(caption.shape, bool),
+    caption = jnp.stack([jnp.roll(caption, j, axis=0) for j in range(beams)], axis=1)
+    caption = caption.reshape((-1,) + caption.shape[2:])
+    tiled = [jnp.repeat(x, beams, axis=0) for x in memory]
+    full = model.apply(variables, *tiled, caption, jnp.ones(caption.shape, bool),
                        method=E2EVLP.caption_logits) if with_full else None
-    _, state = model.apply(variables, *memory, T, method=E2EVLP.init_caption_cache,
+    _, state = model.apply(variables, *memory, T, beams, method=E2EVLP.init_caption_cache,
                            mutable=['cache'])
     step = lambda cache, tokens: model.apply(
         {**variables, 'cache': cache}, tokens, method=E2EVLP.caption_step, mutable=['cache'])
@@ -284,12 +289,16 @@ def decode_with_cache(model, variables, batch, with_full=False):
   return run(variables, batch['image'], batch['image_mask'], batch['caption_in'])
 
 
-def check_cache(cache):
+def check_cache(cache, beams=1):
+  """Positions advanced by T; self-attention caches a row per hypothesis, cross-attention
+  caches a row per image."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]:
+    name = jax.tree_util.keystr(path)
     if path[-1].key in ('cache_index', 'position_index'):
       assert int(leaf) == T
     else:
-      assert leaf.shape[0] == B, jax.tree_util.keystr(path)
+      rows = B if 'multihead_attn' in name else B * beams
+      assert leaf.shape[0] == rows, name
 
 
 def test_cached_decoding_matches_full_sequence(model, variables, batch, outputs):
@@ -310,6 +319,28 @@ def test_cached_decoding_with_the_shared_decoder(batch):
   stepped, cache, full = decode_with_cache(model, variables, batch, with_full=True)
   np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), atol=1e-4, rtol=1e-4)
   check_cache(cache)
+
+
+def test_cached_decoding_shares_the_image_rows_across_beams(batch):
+  """Three hypotheses per image, each with its own caption, against the teacher-forced
+  logits with the memory tiled per hypothesis; the image's cross-attention keys and
+  values are stored once."""
+  model = E2EVLP(tiny(encoder_layers=1, decoder_layers=1, caption_decoder_layers=2))
+  variables = fill(abstract_variables(model, batch, train=False), seed=2)
+  stepped, cache, full = decode_with_cache(model, variables, batch, with_full=True, beams=3)
+  assert stepped.shape == (B * 3, T, model.config.vocab_size)
+  np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), atol=1e-4, rtol=1e-4)
+  check_cache(cache, beams=3)
+
+
+@pytest.mark.parametrize('kind,query_rows', [('self', 6), ('cross', 5)])
+def test_attention_rejects_queries_that_do_not_fold_onto_the_keys(kind, query_rows):
+  """Only a cross-attention may take a multiple of its memory's rows as queries."""
+  attention = transformer.Attention(num_heads=2, cache_kind=kind)
+  q, kv = jnp.zeros((query_rows, 1, 8)), jnp.zeros((2, 3, 8))
+  with pytest.raises(ValueError, match='multiple of its memory'):
+    jax.eval_shape(functools.partial(attention.init, deterministic=True),
+                   jax.random.key(0), q, kv, kv, None)
 
 
 def test_caption_step_without_cache_raises(model, variables):

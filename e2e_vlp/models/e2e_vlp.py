@@ -19,16 +19,18 @@ ITM alone rather than mostly by the far denser detection and caption gradients.
 Caption decoding with a KV cache (for greedy / beam search):
   memory, memory_mask, memory_pos = model.apply(v, image, image_mask,
                                                 method=E2EVLP.encode_image)
-  _, state = model.apply(v, memory, memory_mask, memory_pos, max_len,
+  _, state = model.apply(v, memory, memory_mask, memory_pos, max_len, beams,
                          method=E2EVLP.init_caption_cache, mutable=['cache'])
   cache = state['cache']
-  logits, state = model.apply({**v, 'cache': cache}, tokens,  # tokens [B, t], t >= 1
+  logits, state = model.apply({**v, 'cache': cache}, tokens,  # tokens [B * beams, t]
                               method=E2EVLP.caption_step, mutable=['cache'])
   cache = state['cache']  # advanced by t positions
-Every cache leaf has the batch as its leading axis (reorder beams with
-`jnp.take(leaf, idx, axis=0)`) except the int32 scalars `cache_index` /
-`position_index` (the shared decoding position). Steps past `max_len` are invalid
-(not checked inside jit). For beam search, tile memory per beam before the init.
+Hypothesis j of image b is row b * beams + j of the tokens and logits. The self-attention
+caches hold one row per hypothesis (reorder beams with `jnp.take(leaf, idx, axis=0)`); the
+cross-attention caches (`cached_key` / `cached_value` / `cached_mask` of `multihead_attn`)
+hold one row per image, shared by its hypotheses, and never need reordering; the int32
+scalars `cache_index` / `position_index` are the shared decoding position. Steps past
+`max_len` are invalid (not checked inside jit).
 """
 
 import re
@@ -283,16 +285,19 @@ class E2EVLP(nn.Module):
     return self.caption_head(hidden, self.embeddings.attend)
 
   def init_caption_cache(self, memory: jnp.ndarray, memory_mask: jnp.ndarray,
-                         memory_pos: jnp.ndarray, max_len: int) -> None:
+                         memory_pos: jnp.ndarray, max_len: int, beams: int = 1) -> None:
     """Creates the 'cache' collection for decoding up to `max_len` tokens (see top).
 
-    Stores each layer's cross-attention keys/values of `memory` [B, N, D] and empty
-    self-attention caches [B, max_len, H, K]; apply with mutable=['cache'].
+    Stores each layer's cross-attention keys/values of `memory` [B, N, D] once per image
+    and empty self-attention caches [B * beams, max_len, H, K] (`beams` hypotheses per
+    image); apply with mutable=['cache'].
     """
     if not 1 <= max_len <= self.config.max_caption_len:
       raise ValueError(f'max_len={max_len} must be in [1, config.model.max_caption_len='
                        f'{self.config.max_caption_len}].')
-    tokens = jnp.zeros((memory.shape[0], max_len), jnp.int32)
+    if beams < 1:
+      raise ValueError(f'beams={beams} must be at least 1 (hypotheses per image).')
+    tokens = jnp.zeros((memory.shape[0] * beams, max_len), jnp.int32)
     x = self.caption_embeddings(self.embeddings.embed_words(tokens), train=False,
                                 decode='init')
     causal = jnp.tril(jnp.ones((max_len, max_len), jnp.bool_))[None, None]
@@ -300,7 +305,8 @@ class E2EVLP(nn.Module):
                             deterministic=True, decode='init', return_all=False)
 
   def caption_step(self, tokens: jnp.ndarray) -> jnp.ndarray:
-    """Next-token logits [B, t, V] float32 for `tokens` [B, t] at the cached position.
+    """Next-token logits [B * beams, t, V] float32 for `tokens` [B * beams, t] (beams as
+    given to `init_caption_cache`) at the cached position.
 
     Equals `caption_logits` at those positions given the same earlier tokens.
     """

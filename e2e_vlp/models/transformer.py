@@ -42,7 +42,8 @@ class Attention(nn.Module):
   def __call__(self, inputs_q: jnp.ndarray, inputs_k: jnp.ndarray | None,
                inputs_v: jnp.ndarray | None, mask: jnp.ndarray | None, *,
                deterministic: bool, decode: str | None = None) -> jnp.ndarray:
-    """Attends `inputs_q` [B, T, D] to `inputs_k`/`inputs_v` [B, S, D].
+    """Attends `inputs_q` [B, T, D] to `inputs_k`/`inputs_v` [B, S, D] (a 'cross'
+    attention also takes queries [R * B, T, D], R hypotheses per memory row).
 
     Args:
       mask: bool, broadcastable to [B, H, T, S]; False entries are ignored. Fully
@@ -74,6 +75,8 @@ class Attention(nn.Module):
       elif decode is not None:
         key, value, mask = self._self_cache(key, value, mask, decode)
 
+    rows = query.shape[0]
+    query = self._fold_hypotheses(query, key.shape[0])
     # flax's nn.dot_product_attention with its dropout (not broadcast), the keep mask drawn
     # by stochastic.bernoulli: the same values, one fused loop on CPU.
     weights = nn.dot_product_attention_weights(
@@ -83,12 +86,28 @@ class Attention(nn.Module):
       keep_prob = 1.0 - self.dropout_rate
       keep = stochastic.bernoulli(self.make_rng('dropout'), keep_prob, weights.shape)
       weights = weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
-    x = jnp.einsum('...hqk,...khd->...qhd', weights, value)
+    x = jnp.einsum('...hqk,...khd->...qhd', weights, value).reshape(
+        (rows, -1) + query.shape[2:])
     x = layers.constrain(x.astype(self.dtype), layers.ACT_BLHK)
     if self.out_features is None:
       return x
     return layers.DenseGeneral((self.out_features,), ('heads', 'kv'), ('embed',),
                                dtype=self.dtype, name='out_proj')(x)
+
+  def _fold_hypotheses(self, query: jnp.ndarray, memory_rows: int) -> jnp.ndarray:
+    """query [R * M, T, H, K] -> [M, R * T, H, K] when a cross-attention memory has
+    M = `memory_rows` rows: beam search's R hypotheses of an image (rows r * R .. r * R + R - 1)
+    attend to its one memory row as R * T queries, so the memory's keys and values are
+    neither tiled per beam nor reordered each step. Exact: cross-attention queries are
+    independent of each other."""
+    rows = query.shape[0]
+    if rows == memory_rows:
+      return query
+    if self.cache_kind != 'cross' or rows % memory_rows:
+      raise ValueError(f'{rows} query rows against {memory_rows} key rows: only a '
+                       "cross-attention ('cross' cache_kind) may have a multiple of its "
+                       "memory's rows (beam hypotheses sharing an image).")
+    return query.reshape((memory_rows, -1) + query.shape[2:])
 
   def _missing_cache(self) -> ValueError:
     return ValueError('No caption cache: run E2EVLP.init_caption_cache with '
