@@ -23,6 +23,16 @@ import types
 from typing import Any, Callable, Mapping, Sequence
 
 
+_IMPORTED = time.perf_counter()  # the origin of `progress`'s clock
+
+
+def progress(message: str) -> None:
+  """`[seconds since start] message` on stderr at once: a run stopped by a time limit (the
+  GPU machine's) still shows where its time went. run_all.py prints a script's stderr
+  only when it fails, so its tables stay clean."""
+  print(f'[{time.perf_counter() - _IMPORTED:7.1f} s] {message}', file=sys.stderr, flush=True)
+
+
 class AttrDict(collections.abc.MutableMapping):
   """A mapping with attribute access: the part of `ml_collections.ConfigDict` the project's
   configs and modules use (attributes, items, `.get`, `.update`, nesting, `to_dict`).
@@ -315,8 +325,11 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
       init_variables, config.optim, config.train.total_steps, mesh, rules)
   frozen = None if frozen_grads else optimizer_lib.frozen_mask(config.optim, abstract.params)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = state_lib.create_train_state(init_variables, tx, jax.random.key(config.train.seed),
-                                         shardings)
+    start = time.perf_counter()
+    state = jax.block_until_ready(state_lib.create_train_state(
+        init_variables, tx, jax.random.key(config.train.seed), shardings))
+    progress(f'train state initialised (its compilation included) in '
+             f'{time.perf_counter() - start:.1f} s')
     step = state_lib.make_train_step(loss_fn, tx, schedule,
                                      grad_accum_steps=config.optim.grad_accum_steps,
                                      seed=config.train.seed, frozen=frozen)
@@ -325,4 +338,6 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
     compiled = compile_with_stats(jitted, state, device_batch,
                                   compiler_options=state_lib.compiler_options(
                                       config.train, jax.default_backend()))
+  progress(f'step compiled in {compiled.compile_s:.1f} s wall, {compiled.compile_cpu_s:.1f} s '
+           'CPU')
   return StepRunner(compiled, state, device_batch)

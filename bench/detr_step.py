@@ -301,12 +301,15 @@ def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],
   rows, verdicts = [], []
   for shape_name, shape in shapes.items():
     batch = random_batch(shape)
+    common.progress(f'DETR {shape_name}: building the Hugging Face model')
     hf = hf_model(shape)
     fns = {name: make(hf, batch) for name, make in hf_peers.items()}
     runners = {}
     for variant in variants[shape_name]:
+      common.progress(f'DETR {shape_name}: building ours, {variant.name}')
       runners[variant.name] = ours_runner(shape, variant, batch)
       fns[variant.name] = runners[variant.name]
+    common.progress(f'DETR {shape_name}: timing {len(fns)} steps')
     ms = common.time_interleaved(fns, warmup=WARMUP.get(shape_name, 1),
                                  repeats=repeats[shape_name])
     hf_name = min(hf_peers, key=ms.get)

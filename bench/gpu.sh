@@ -5,6 +5,9 @@
 #   bash bench/gpu.sh --sections pretrain --pretrain base   # one table, one row
 #   bash bench/gpu.sh --smoke    # tiny sizes: a functional check, runs on CPU too
 # Needs jax (CUDA), flax, optax, torch, transformers, scipy; not TensorFlow, ml_collections.
+# Progress goes to stderr as it happens ("[  312.4 s] step compiled in ..."): a run cut off
+# by the machine's time limit still shows whether initialisation, compilation or the steps
+# took its time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

@@ -230,7 +230,9 @@ def run(quick: bool = False, repeats: int | None = None,
   first = {}  # config name -> its first setting, the paired reference of its later ones
   for setting in settings or settings_for(quick, variants):
     config = setting_config(setting)
+    common.progress(f'pre-training {setting.name}: building the step')
     runner = step_runner(config, setting.batch_size, pieces=pieces)
+    common.progress(f'pre-training {setting.name}: timing')
     # The peak is the fastest matmul: on a shared host a short matmul is the likelier of
     # the two to be hit by a load spike, and a median peak measured under such spikes
     # once gave a "fraction of peak" above 1.
@@ -243,6 +245,7 @@ def run(quick: bool = False, repeats: int | None = None,
       first[setting.variant], paired = setting, 'reference'
     else:  # the reference compiled again now, so that no other step was alive above
       ref = first[setting.variant]
+      common.progress(f'pre-training {setting.name}: building {ref.name} again for the pairs')
       reference = step_runner(setting_config(ref), ref.batch_size, pieces=pieces)
       ratio = common.paired_ratio(runner, reference,
                                   rounds=PAIRED_ROUNDS[setting.variant] * (1 if quick else 2))
