@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -150,6 +151,29 @@ def test_stopped_and_resumed_run_matches_uninterrupted(micro_cache, reference, t
   assert second['step'] == TOTAL_STEPS
   assert 'Resumed from step 2' in info_logs.text
   assert_trees_equal(ckpt_lib.load_params(workdir)[1], reference[1])
+
+
+def test_step_compiles_while_the_state_is_initialised(micro_cache, tmp_path, monkeypatch):
+  """The step compiles on the loop's worker thread while the main thread initialises the
+  state: the initialisation waits for the compilation to begin, which code that compiled
+  after it would never do (the wait would time out)."""
+  compile_step, create_train_state = loop._compile_step, state_lib.create_train_state
+  compiling, seen = threading.Event(), {}
+
+  def compile_step_spy(*args):
+    seen['compile_thread'] = threading.current_thread()
+    compiling.set()
+    return compile_step(*args)
+
+  def create_train_state_spy(*args, **kwargs):
+    seen['overlapped'] = compiling.wait(timeout=60)
+    return create_train_state(*args, **kwargs)
+
+  monkeypatch.setattr(loop, '_compile_step', compile_step_spy)
+  monkeypatch.setattr(state_lib, 'create_train_state', create_train_state_spy)
+  out = loop.run(config(micro_cache), str(tmp_path / 'run'), stop_after=1)
+  assert out['step'] == 1
+  assert seen['overlapped'] and seen['compile_thread'] is not threading.main_thread()
 
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(micro_cache, reference, tmp_path,

@@ -6,6 +6,7 @@ resumption and the safety checks.
 """
 
 import collections
+import concurrent.futures
 import json
 import os
 import shutil
@@ -126,42 +127,44 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   logging.info('Model: %s parameters.', f'{num_params:,}')
 
-  # ------------------------------------------------------------- resume or initialise
-  checkpointer = ckpt_lib.Checkpointer(
-      workdir, keep=config.train.keep_checkpoints,
-      replica_parallel_min_bytes=config.train.checkpoint_replica_parallel_min_bytes)
-  restored = checkpointer.restore_latest(
-      ckpt_lib.abstract_with_shardings(abstract_state, shardings))
-  if restored is not None:
-    start_step, state, data_state = restored
-    logging.info('Resumed from step %d in %s.', start_step, checkpointer.directory)
-  else:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state = state_lib.create_train_state(task.init_variables, tx,
-                                           jax.random.key(config.train.seed), shardings)
-    start_step, data_state = 0, None
-    if config.init_from:
-      state = _init_from(config.init_from, state, shardings)
-  # A saved position continues its stream; without one (another process count) the stream
-  # restarts here, under a seed of its own so that it does not replay the first batches.
-  stream_start = data_state.stream_start if data_state is not None else start_step
-  data_iter = task.train_iterator(seed=ckpt_lib.data_seed(config.train.seed, stream_start))
-  if data_state is not None:
-    data_iter.set_state(data_state.blob)
-
-  # ------------------------------------------------------------------ compiled step
+  # ------------------------------------------------------- compiled step, state, data
+  # The step compiles on a worker thread from the abstract state while this thread restores
+  # or initialises the state and builds the input pipeline: XLA compiles without holding the
+  # GIL, so the time to the first step is the longer of the two rather than their sum.
   batch_spec = task.batch_spec(config.train.batch_size)
   frozen = optimizer_lib.frozen_mask(config.optim, abstract_state.params)
   train_step = state_lib.make_train_step(
       task.loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
       seed=config.train.seed, frozen=frozen)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    jitted = state_lib.jit_train_step(train_step, shardings, mesh, batch_spec)
-    t0 = time.time()
-    # The jit's in_shardings place the abstract arguments (state_lib.jit_train_step).
-    compiled = jitted.lower(abstract_state, batch_spec).compile(
-        state_lib.compiler_options(config.train, jax.default_backend()))
-    compile_seconds = time.time() - t0
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+  try:
+    compiling = pool.submit(_compile_step, train_step, abstract_state, batch_spec, shardings,
+                            mesh, rules, config.train)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, keep=config.train.keep_checkpoints,
+        replica_parallel_min_bytes=config.train.checkpoint_replica_parallel_min_bytes)
+    restored = checkpointer.restore_latest(
+        ckpt_lib.abstract_with_shardings(abstract_state, shardings))
+    if restored is not None:
+      start_step, state, data_state = restored
+      logging.info('Resumed from step %d in %s.', start_step, checkpointer.directory)
+    else:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = state_lib.create_train_state(task.init_variables, tx,
+                                             jax.random.key(config.train.seed), shardings)
+      start_step, data_state = 0, None
+      if config.init_from:
+        state = _init_from(config.init_from, state, shardings)
+    # A saved position continues its stream; without one (another process count) the
+    # stream restarts here, under a seed of its own so that it does not replay the first
+    # batches.
+    stream_start = data_state.stream_start if data_state is not None else start_step
+    data_iter = task.train_iterator(seed=ckpt_lib.data_seed(config.train.seed, stream_start))
+    if data_state is not None:
+      data_iter.set_state(data_state.blob)
+    compiled, compile_seconds = compiling.result()
+  finally:  # an error here is raised at once, not after the compilation
+    pool.shutdown(wait=False)
   step_flops = _flops(compiled)
   logging.info('Step compiled in %.1fs (%.3g GFLOP per step).', compile_seconds,
                step_flops / 1e9 if step_flops else float('nan'))
@@ -245,6 +248,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
       logger.close()
   last['step'] = step
   return last
+
+
+def _compile_step(train_step, abstract_state: state_lib.TrainState,
+                  batch_spec: dict[str, jax.ShapeDtypeStruct], shardings: state_lib.TrainState,
+                  mesh: jax.sharding.Mesh, rules: Any, train_config: ml_collections.ConfigDict
+                  ) -> tuple[Any, float]:
+  """The jitted step compiled for the abstract state and batch -> (executable, seconds)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # both are per thread
+    jitted = state_lib.jit_train_step(train_step, shardings, mesh, batch_spec)
+    start = time.time()
+    # The jit's in_shardings place the abstract arguments (state_lib.jit_train_step).
+    compiled = jitted.lower(abstract_state, batch_spec).compile(
+        state_lib.compiler_options(train_config, jax.default_backend()))
+  return compiled, time.time() - start
 
 
 @jax.jit
