@@ -187,8 +187,8 @@ def random_batch(shape: DetrShape, seed: int = 0) -> dict[str, np.ndarray]:
   }
 
 
-def ours_runner(shape: DetrShape, variant: Variant, batch: dict[str, np.ndarray]
-                ) -> common.StepRunner:
+def ours_runner(shape: DetrShape, variant: Variant, batch: dict[str, np.ndarray], *,
+                overlap_init: bool = False) -> common.StepRunner:
   config = detr_config(shape, variant)
   model = E2EVLP(config.model)
 
@@ -203,7 +203,7 @@ def ours_runner(shape: DetrShape, variant: Variant, batch: dict[str, np.ndarray]
     return detection.set_prediction_loss(outputs, batch, config.loss.det)
 
   return common.make_step_runner(config, init_variables, loss_fn, batch,
-                                 frozen_grads=variant.frozen_grads)
+                                 frozen_grads=variant.frozen_grads, overlap_init=overlap_init)
 
 
 def param_count(tree: Any) -> int:
@@ -293,11 +293,12 @@ def variants_for(shape_name: str, quick: bool) -> list[Variant]:
 
 
 def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],
-            hf_peers: HfPeers, repeats: dict[str, int], paired_rounds: dict[str, int]
-            ) -> tuple[list[tuple], list[str]]:
+            hf_peers: HfPeers, repeats: dict[str, int], paired_rounds: dict[str, int], *,
+            overlap_init: bool = False) -> tuple[list[tuple], list[str]]:
   """Table rows and target lines; every ratio is against the fastest HF peer. The
   default config's target line comes from `paired_rounds` more rounds of it against that
-  peer alone (when the shape has a target and the default is among `variants`)."""
+  peer alone (when the shape has a target and the default is among `variants`).
+  `overlap_init`: see `common.make_step_runner`."""
   rows, verdicts = [], []
   for shape_name, shape in shapes.items():
     batch = random_batch(shape)
@@ -307,7 +308,7 @@ def compare(shapes: dict[str, DetrShape], variants: dict[str, list[Variant]],
     runners = {}
     for variant in variants[shape_name]:
       common.progress(f'DETR {shape_name}: building ours, {variant.name}')
-      runners[variant.name] = ours_runner(shape, variant, batch)
+      runners[variant.name] = ours_runner(shape, variant, batch, overlap_init=overlap_init)
       fns[variant.name] = runners[variant.name]
     common.progress(f'DETR {shape_name}: timing {len(fns)} steps')
     ms = common.time_interleaved(fns, warmup=WARMUP.get(shape_name, 1),

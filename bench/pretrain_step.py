@@ -165,9 +165,10 @@ def synthetic_batch(config: Any, batch_size: int, shapes: ShapesFn, seed: int = 
 
 
 def step_runner(config: Any, batch_size: int, *,
-                pieces: tuple[ShapesFn, LossesFn] | None = None,
+                pieces: tuple[ShapesFn, LossesFn] | None = None, overlap_init: bool = False
                 ) -> common.StepRunner:
-  """The compiled pre-training step of `config` on a synthetic batch of `batch_size`."""
+  """The compiled pre-training step of `config` on a synthetic batch of `batch_size`
+  (`overlap_init`: see `common.make_step_runner`)."""
   shapes, losses = pieces or task_pieces()
   model = E2EVLP(config.model)
   batch = synthetic_batch(config, batch_size, shapes)
@@ -181,7 +182,8 @@ def step_runner(config: Any, batch_size: int, *,
                           rngs={'dropout': rng})
     return losses(outputs, batch, config)
 
-  return common.make_step_runner(config, init_variables, loss_fn, batch)
+  return common.make_step_runner(config, init_variables, loss_fn, batch,
+                                 overlap_init=overlap_init)
 
 
 def examples_per_second(config: Any, batch_size: int, *,
@@ -220,8 +222,10 @@ def run(quick: bool = False, repeats: int | None = None,
         variants: tuple[str, ...] = ('tiny', 'base'),
         pieces: tuple[ShapesFn, LossesFn] | None = None, matmul_n: int = 2048,
         matmul_dtype: Any = jnp.float32, settings: list[Setting] | None = None,
-        title: str = 'Pre-training step (all four losses) vs the float32 matmul peak') -> str:
-  """Markdown section: compile s, ms/step, examples/s, GFLOP/s and the fraction of peak."""
+        title: str = 'Pre-training step (all four losses) vs the float32 matmul peak',
+        overlap_init: bool = False) -> str:
+  """Markdown section: compile s, ms/step, examples/s, GFLOP/s and the fraction of peak
+  (`overlap_init`, for each setting's own step: see `common.make_step_runner`)."""
   reps = repeats or (2 if quick else 5)
   load = common.host_load()
   a = jax.random.normal(jax.random.key(0), (matmul_n, matmul_n), matmul_dtype)
@@ -231,7 +235,7 @@ def run(quick: bool = False, repeats: int | None = None,
   for setting in settings or settings_for(quick, variants):
     config = setting_config(setting)
     common.progress(f'pre-training {setting.name}: building the step')
-    runner = step_runner(config, setting.batch_size, pieces=pieces)
+    runner = step_runner(config, setting.batch_size, pieces=pieces, overlap_init=overlap_init)
     common.progress(f'pre-training {setting.name}: timing')
     # The peak is the fastest matmul: on a shared host a short matmul is the likelier of
     # the two to be hit by a load spike, and a median peak measured under such spikes
