@@ -12,6 +12,8 @@ import pytest
 from configs import pretrain
 from e2e_vlp import decoding
 from e2e_vlp.models.e2e_vlp import E2EVLP
+from e2e_vlp.train import mesh as mesh_lib
+from e2e_vlp.train import sharding
 
 # Any ids do for a random model; with these, image 0's greedy caption ends after 4
 # tokens and image 1's never ends (it repeats one token), so both cases are covered.
@@ -146,6 +148,23 @@ def test_cached_beam_matches_recomputation(setup):
   np.testing.assert_allclose(np.asarray(scores), np.asarray(full_scores), rtol=1e-5,
                              atol=1e-5)
   assert np.isfinite(np.asarray(scores)).all()
+
+
+@pytest.mark.parametrize('mesh_shape,strategy', [({'data': 8, 'fsdp': 1, 'model': 1}, 'dp'),
+                                                 ({'data': 2, 'fsdp': 2, 'model': 2}, 'fsdp_tp')])
+def test_beam_search_on_a_mesh_matches_one_device(setup, mesh_shape, strategy):
+  """On 8 devices, with 2 images that the data axes do not divide, the folded
+  cross-attention gives the one-device hypotheses and scores."""
+  kw = dict(bos_id=BOS, eos_id=EOS, max_len=MAX_LEN, pad_id=PAD, beam_size=3,
+            length_penalty=0.6)
+  args = (setup.model, setup.variables, setup.image, setup.image_mask)
+  tokens, scores = decoding.beam_search(*args, **kw)
+  with jax.set_mesh(mesh_lib.make_mesh(mesh_shape)), nn.logical_axis_rules(
+      sharding.logical_axis_rules(strategy)):
+    mesh_tokens, mesh_scores = decoding.beam_search(*args, **kw)
+  np.testing.assert_array_equal(np.asarray(mesh_tokens), np.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(mesh_scores), np.asarray(scores), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_greedy_captions_uses_tokenizer_ids(setup):

@@ -86,8 +86,9 @@ class Attention(nn.Module):
       keep_prob = 1.0 - self.dropout_rate
       keep = stochastic.bernoulli(self.make_rng('dropout'), keep_prob, weights.shape)
       weights = weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
-    x = jnp.einsum('...hqk,...khd->...qhd', weights, value).reshape(
-        (rows, -1) + query.shape[2:])
+    x = jnp.einsum('...hqk,...khd->...qhd', weights, value)
+    if x.shape[0] != rows:  # unfold the hypotheses, the memory rows' batch sharding kept
+      x = layers.constrain(x, layers.ACT_BLHK).reshape((rows, -1) + x.shape[2:])
     x = layers.constrain(x.astype(self.dtype), layers.ACT_BLHK)
     if self.out_features is None:
       return x
@@ -107,7 +108,10 @@ class Attention(nn.Module):
       raise ValueError(f'{rows} query rows against {memory_rows} key rows: only a '
                        "cross-attention ('cross' cache_kind) may have a multiple of its "
                        "memory's rows (beam hypotheses sharing an image).")
-    return query.reshape((memory_rows, -1) + query.shape[2:])
+    # Constrained like the attention's other activations: without it, a batch that the
+    # data axes do not divide left XLA's partitioner resharding by full rematerialisation.
+    return layers.constrain(query.reshape((memory_rows, -1) + query.shape[2:]),
+                            layers.ACT_BLHK)
 
   def _missing_cache(self) -> ValueError:
     return ValueError('No caption cache: run E2EVLP.init_caption_cache with '
