@@ -12,7 +12,7 @@ registers `AttrDict` in its place before anything imports it. Import this module
 """
 
 import collections.abc
-import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -210,8 +210,14 @@ def compile_with_stats(jitted: Any, *args: Any,
   `compiler_options`: XLA debug options for this compilation only, e.g.
   `{'xla_backend_optimization_level': 1}` (the same as that XLA_FLAGS entry).
   """
+  return timed_compile(
+      lambda: jitted.lower(*args).compile(dict(compiler_options) if compiler_options else None))
+
+
+def timed_compile(compile_fn: Callable[[], Any]) -> Compiled:
+  """`compile_fn()` (lowering and compiling), timed, with XLA's flop count."""
   start, start_cpu = time.perf_counter(), time.process_time()
-  compiled = jitted.lower(*args).compile(dict(compiler_options) if compiler_options else None)
+  compiled = compile_fn()
   return Compiled(compiled, time.perf_counter() - start, time.process_time() - start_cpu,
                   cost_flops(compiled))
 
@@ -331,16 +337,10 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
   step = state_lib.make_train_step(loss_fn, tx, schedule,
                                    grad_accum_steps=config.optim.grad_accum_steps,
                                    seed=config.train.seed, frozen=frozen)
-  options = state_lib.compiler_options(config.train, jax.default_backend())
-
-  def compile_step(*args: Any) -> Compiled:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # both are per thread
-      return compile_with_stats(state_lib.jit_train_step(step, shardings, mesh, spec), *args,
-                                compiler_options=options)
-
-  pool = concurrent.futures.ThreadPoolExecutor(1) if overlap_init else None
-  try:
-    compiling = pool.submit(compile_step, abstract, spec) if pool else None
+  compile_args = (step, shardings, mesh, rules, abstract, spec, config.train)
+  compile_step = lambda: timed_compile(lambda: state_lib.compile_train_step(*compile_args))
+  with (state_lib.in_background(compile_step) if overlap_init
+        else contextlib.nullcontext()) as compiling:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       start = time.perf_counter()
       state = jax.block_until_ready(state_lib.create_train_state(
@@ -348,10 +348,7 @@ def make_step_runner(config: Any, init_variables: Callable[[jax.Array], Any],
       progress(f'train state initialised (its compilation included) in '
                f'{time.perf_counter() - start:.1f} s')
       device_batch = mesh_lib.global_batch(batch, mesh)
-    compiled = compiling.result() if compiling else compile_step(state, device_batch)
-  finally:
-    if pool:
-      pool.shutdown(wait=False)
+    compiled = compiling.result() if compiling else compile_step()
   progress(f'step compiled in {compiled.compile_s:.1f} s wall, {compiled.compile_cpu_s:.1f} s '
            f'CPU{" (overlapping the initialisation)" if overlap_init else ""}')
   return StepRunner(compiled, state, device_batch)

@@ -6,7 +6,6 @@ resumption and the safety checks.
 """
 
 import collections
-import concurrent.futures
 import json
 import os
 import shutil
@@ -128,18 +127,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   logging.info('Model: %s parameters.', f'{num_params:,}')
 
   # ------------------------------------------------------- compiled step, state, data
-  # The step compiles on a worker thread from the abstract state while this thread restores
-  # or initialises the state and builds the input pipeline: XLA compiles without holding the
-  # GIL, so the time to the first step is the longer of the two rather than their sum.
+  # The step compiles from the abstract state on a worker thread while this thread restores
+  # or initialises the state and builds the input pipeline (state_lib.in_background).
   batch_spec = task.batch_spec(config.train.batch_size)
   frozen = optimizer_lib.frozen_mask(config.optim, abstract_state.params)
   train_step = state_lib.make_train_step(
       task.loss_fn, tx, schedule, grad_accum_steps=config.optim.grad_accum_steps,
       seed=config.train.seed, frozen=frozen)
-  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
-  try:
-    compiling = pool.submit(_compile_step, train_step, abstract_state, batch_spec, shardings,
-                            mesh, rules, config.train)
+  with state_lib.in_background(_compile_step, train_step, shardings, mesh, rules,
+                                abstract_state, batch_spec, config.train) as compiling:
     checkpointer = ckpt_lib.Checkpointer(
         workdir, keep=config.train.keep_checkpoints,
         replica_parallel_min_bytes=config.train.checkpoint_replica_parallel_min_bytes)
@@ -163,8 +159,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
     if data_state is not None:
       data_iter.set_state(data_state.blob)
     compiled, compile_seconds = compiling.result()
-  finally:  # an error here is raised at once, not after the compilation
-    pool.shutdown(wait=False)
   step_flops = _flops(compiled)
   logging.info('Step compiled in %.1fs (%.3g GFLOP per step).', compile_seconds,
                step_flops / 1e9 if step_flops else float('nan'))
@@ -250,17 +244,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   return last
 
 
-def _compile_step(train_step, abstract_state: state_lib.TrainState,
-                  batch_spec: dict[str, jax.ShapeDtypeStruct], shardings: state_lib.TrainState,
-                  mesh: jax.sharding.Mesh, rules: Any, train_config: ml_collections.ConfigDict
-                  ) -> tuple[Any, float]:
-  """The jitted step compiled for the abstract state and batch -> (executable, seconds)."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # both are per thread
-    jitted = state_lib.jit_train_step(train_step, shardings, mesh, batch_spec)
-    start = time.time()
-    # The jit's in_shardings place the abstract arguments (state_lib.jit_train_step).
-    compiled = jitted.lower(abstract_state, batch_spec).compile(
-        state_lib.compiler_options(train_config, jax.default_backend()))
+def _compile_step(*args: Any) -> tuple[Any, float]:
+  """`state_lib.compile_train_step(*args)` -> (executable, seconds)."""
+  start = time.time()
+  compiled = state_lib.compile_train_step(*args)
   return compiled, time.time() - start
 
 

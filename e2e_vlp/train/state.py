@@ -6,7 +6,9 @@ the strategy's rules. The whole state, step counter included, is created by one
 `jax.jit(init, out_shardings=...)`, so no leaf ends up on a single device.
 """
 
-from typing import Any, Callable, Mapping, NamedTuple
+import concurrent.futures
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -193,6 +195,34 @@ def jit_train_step(step, shardings: TrainState, mesh: Mesh, batch_spec: Mapping[
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, NamedSharding(mesh, P())),
                  donate_argnums=(0,))
+
+
+def compile_train_step(step, shardings: TrainState, mesh: Mesh, rules: Any,
+                       abstract_state: TrainState, batch_spec: Mapping[str, Any],
+                       train_config: Any) -> Any:
+  """`jit_train_step(step, ...)` compiled for the abstract state and batch with
+  `compiler_options(train_config, backend)`. It enters the mesh and the logical axis rules
+  itself (both are per thread), so it may run on a worker thread (`in_background`)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jitted = jit_train_step(step, shardings, mesh, batch_spec)
+    # The jit's in_shardings place the abstract arguments.
+    return jitted.lower(abstract_state, batch_spec).compile(
+        compiler_options(train_config, jax.default_backend()))
+
+
+@contextlib.contextmanager
+def in_background(fn: Callable[..., Any], *args: Any) -> Iterator[concurrent.futures.Future]:
+  """`fn(*args)` on a worker thread while the body runs; yields its future.
+
+  For compiling the step while the state initialises: XLA compiles without the GIL, so the
+  two take the longer of their times rather than the sum. An error in the body is raised at
+  once, without waiting for `fn`.
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile')
+  try:
+    yield pool.submit(fn, *args)
+  finally:
+    pool.shutdown(wait=False)
 
 
 def compiler_options(train_config: Any, backend: str) -> dict[str, Any] | None:
