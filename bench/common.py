@@ -96,6 +96,10 @@ from e2e_vlp.train import optimizer as optimizer_lib  # noqa: E402
 from e2e_vlp.train import sharding  # noqa: E402
 from e2e_vlp.train import state as state_lib  # noqa: E402
 
+# The compile columns time real compilations: a persistent compilation cache
+# (JAX_COMPILATION_CACHE_DIR) would turn them into loads from disk.
+jax.config.update('jax_compilation_cache_dir', None)
+
 Thunk = Callable[[], Any]
 
 

@@ -34,6 +34,7 @@ from e2e_vlp import tasks
 from e2e_vlp.data import finetune_pipelines
 from e2e_vlp.tasks import common
 from e2e_vlp.train import checkpoint as ckpt_lib
+from e2e_vlp.train import compile_cache
 from e2e_vlp.train import distributed
 from e2e_vlp.train import mesh as mesh_lib
 from e2e_vlp.train import sharding
@@ -95,7 +96,10 @@ def main(argv):
   del argv
   f = flags.FLAGS
   distributed.initialize_from_environment(f.coordinator_address, f.num_processes, f.process_id)
-  metrics = evaluate_checkpoint(f.config, f.workdir)
+  # The run's cache: the evaluation it compiled while training loads from there.
+  with compile_cache.persistent(
+      compile_cache.resolve(f.config.train.compilation_cache_dir, os.path.abspath(f.workdir))):
+    metrics = evaluate_checkpoint(f.config, f.workdir)
   if jax.process_index() == 0:
     print(json.dumps(metrics, indent=2, sort_keys=True))
 

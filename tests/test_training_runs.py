@@ -143,13 +143,22 @@ def info_logs(caplog):
 # -------------------------------------------------------------------------------- tests
 def test_stopped_and_resumed_run_matches_uninterrupted(micro_cache, reference, tmp_path,
                                                        info_logs):
+  """With the session's cache set aside, both runs use the workdir's own
+  (`config.train.compilation_cache_dir`): the resumed run loads the step that the first one
+  compiled and stored, and trains exactly as the uninterrupted run did."""
   workdir = str(tmp_path / 'run')
-  first = loop.run(config(micro_cache), workdir, stop_after=2)
-  assert first['step'] == 2 and checkpoint_steps(workdir) == [2]
-  info_logs.clear()
-  second = loop.run(config(micro_cache), workdir)
+  info_logs.set_level(logging.DEBUG, logger='jax._src.compiler')  # its cache hits
+  with persistent_compilation_cache(None):
+    first = loop.run(config(micro_cache), workdir, stop_after=2)
+    assert first['step'] == 2 and checkpoint_steps(workdir) == [2]
+    stored = os.listdir(os.path.join(workdir, 'compilation_cache'))
+    assert any(name.startswith('jit_step-') for name in stored), stored
+    info_logs.clear()
+    second = loop.run(config(micro_cache), workdir)
+    assert jax.config.jax_compilation_cache_dir is None  # the process's setting is back
   assert second['step'] == TOTAL_STEPS
   assert 'Resumed from step 2' in info_logs.text
+  assert "Persistent compilation cache hit for 'jit_step'" in info_logs.text
   assert_trees_equal(ckpt_lib.load_params(workdir)[1], reference[1])
 
 

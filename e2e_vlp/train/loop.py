@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from e2e_vlp import tasks
 from e2e_vlp.train import checkpoint as ckpt_lib
+from e2e_vlp.train import compile_cache
 from e2e_vlp.train import config_checks
 from e2e_vlp.train import mesh as mesh_lib
 from e2e_vlp.train import metrics as metrics_lib
@@ -104,7 +105,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | None = None, *,
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+  with compile_cache.persistent(
+      compile_cache.resolve(config.train.compilation_cache_dir, workdir)) as cache_dir:
+    logging.info('Persistent compilation cache: %s.', cache_dir or 'off')
+    return _train(config, workdir, stop_after, batch_hook)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None,
+           batch_hook) -> dict[str, Any]:
+  """`run`'s loop, in the resolved workdir under the compilation cache."""
   # ----------------------------------------------------------------------------- mesh
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = sharding.logical_axis_rules(config.sharding)
