@@ -15,6 +15,7 @@ the loop restarts the data stream with a seed folded from the step (`data_seed`)
 examples of the first steps are not replayed.
 """
 
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -271,6 +272,12 @@ def load_params(path: str, step: int | None = None) -> tuple[int, dict[str, Any]
   manager = ocp.CheckpointManager(directory, item_names=('state', 'data'),
                                   item_handlers={'state': ocp.PyTreeCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
+  with contextlib.closing(manager):
+    return _load_params(manager, directory, path, step)
+
+
+def _load_params(manager: ocp.CheckpointManager, directory: epath.Path, path: str,
+                 step: int | None) -> tuple[int, dict[str, Any]]:
   steps = sorted(manager.all_steps())
   if not steps:
     raise FileNotFoundError(f'No checkpoint found under {path}.')
