@@ -15,9 +15,7 @@ from e2e_vlp.data import augment as augment_lib
 from e2e_vlp.data import pipeline
 
 Features = pipeline.Features
-# The per-example and per-batch functions are plain TensorFlow (explicit tf.cond, static
-# Python branches), so AutoGraph is skipped: faster tracing and no conversion warnings.
-_plain_tf = tf.autograph.experimental.do_not_convert
+_plain_tf = pipeline.plain_tf  # for the maps over sources outside `pipeline.build`
 
 
 def _augment_image(image: tf.Tensor, text: tf.Tensor, seed: tf.Tensor,

@@ -41,6 +41,10 @@ MAX_ATTRIBUTES = 4
 PREFETCH = 2
 _EXAMPLE_STREAM, _BATCH_STREAM = 0, 1
 _CHECKPOINT_PREFIX = 'iterator'
+# The map functions are plain TensorFlow (tf.cond / tf.while_loop where a tensor decides;
+# Python `if`s only on Python values), so AutoGraph's source conversion of them and of
+# everything they call is skipped: it was most of a pipeline's build time (README).
+plain_tf = tf.autograph.experimental.do_not_convert
 
 
 class Tokenizer(Protocol):
@@ -222,11 +226,12 @@ def build(source: tf.data.Dataset, example_fn: ExampleFn, batch_fn: BatchFn, *, 
   parallel = tf.data.AUTOTUNE
 
   dataset = dataset.enumerate()
-  dataset = dataset.map(lambda i, ex: (i, decode_images(ex)), num_parallel_calls=parallel,
-                        deterministic=True)
+  dataset = dataset.map(plain_tf(lambda i, ex: (i, decode_images(ex))),
+                        num_parallel_calls=parallel, deterministic=True)
   dataset = dataset.ignore_errors(log_warning=True)
   dataset = dataset.enumerate()
 
+  @plain_tf
   def per_example(kept, indexed):
     index, example = indexed
     features = dict(example_fn(example, tf.random.experimental.stateless_fold_in(
@@ -243,6 +248,7 @@ def build(source: tf.data.Dataset, example_fn: ExampleFn, batch_fn: BatchFn, *, 
     padding = tf.data.Dataset.from_tensors(_padding_like(dataset.element_spec)).repeat()
     dataset = dataset.concatenate(padding).take(eval_examples)
 
+    @plain_tf
     def carry_count(count, features):  # padding keeps the count of the last real example
       count = tf.maximum(count, features['skipped_records'])
       return count, dict(features, skipped_records=count)
@@ -253,6 +259,7 @@ def build(source: tf.data.Dataset, example_fn: ExampleFn, batch_fn: BatchFn, *, 
   dataset = dataset.batch(batch_size, drop_remainder=True)
   dataset = dataset.enumerate()
 
+  @plain_tf
   def per_batch(batch_index, batch):
     batch = dict(batch)
     skipped = tf.reduce_max(batch.pop('skipped_records'))
