@@ -242,3 +242,19 @@ def test_tfds_source_split_per_host_with_corrupt_record(tokenizer, tmp_path):
   assert batches[0]['image_id'].tolist() == [ids[0], ids[1], ids[3], ids[4]]
   assert batches[0]['valid'].all() and not batches[1]['valid'].any()
   assert int(batches[0]['skipped_records']) == 1
+
+
+def test_skipping_autograph_leaves_the_batches_unchanged(tokenizer, monkeypatch):
+  """The pipeline's functions skip AutoGraph (`pipeline.plain_tf`); converted, as tf.data
+  would otherwise do, they give the same batches, train and eval."""
+  examples = _examples(10, corrupt={3})
+
+  def batches():
+    return [next(_make(tokenizer, examples, seed=5))] + list(
+        _make(tokenizer, examples, train=False))
+
+  plain = batches()
+  monkeypatch.setattr(pipeline, 'plain_tf', lambda fn: fn)  # tf.data converts them now
+  converted = batches()
+  assert len(plain) == len(converted) == 4
+  assert all(_same(a, b) for a, b in zip(plain, converted))
