@@ -15,7 +15,6 @@ from e2e_vlp.data import augment as augment_lib
 from e2e_vlp.data import pipeline
 
 Features = pipeline.Features
-_plain_tf = pipeline.plain_tf  # for the maps over sources outside `pipeline.build`
 
 
 def _augment_image(image: tf.Tensor, text: tf.Tensor, seed: tf.Tensor,
@@ -52,7 +51,6 @@ def vqa_example_fn(data_config: Any, num_answers: int, *, train: bool):
   """Image, question, dense soft answer scores [A] and the question id."""
   options = augment_lib.AugmentOptions.from_config(data_config)
 
-  @_plain_tf
   def fn(example: Features, seed: tf.Tensor) -> Features:
     features, question = _augment_image(example['image'], example['question'][None], seed,
                                         options, train)
@@ -69,7 +67,6 @@ def vqa_example_fn(data_config: Any, num_answers: int, *, train: bool):
 
 def vqa_batch_fn(data_config: Any, tokenizer: pipeline.Tokenizer):
   """Encoder text [CLS] question [SEP]."""
-  @_plain_tf
   def fn(batch: Features, seed: tf.Tensor) -> Features:
     del seed
     return _encoder_text(tokenizer, data_config, batch, 'question')
@@ -99,7 +96,6 @@ def nlvr2_example_fn(data_config: Any, *, train: bool):
     raise ValueError(f'config.data.hflip_prob={options.hflip_prob}: NLVR2 statements name the '
                      '"left" and "right" image, which a flip would contradict; set it to 0.')
 
-  @_plain_tf
   def fn(example: Features, seed: tf.Tensor) -> Features:
     seeds = tf.unstack(tf.random.split(seed, 2))
     features = {}
@@ -117,7 +113,6 @@ def nlvr2_example_fn(data_config: Any, *, train: bool):
 
 def nlvr2_batch_fn(data_config: Any, tokenizer: pipeline.Tokenizer):
   """Encoder text [CLS] statement [SEP] (paired with each image by the model)."""
-  @_plain_tf
   def fn(batch: Features, seed: tf.Tensor) -> Features:
     del seed
     return _encoder_text(tokenizer, data_config, batch, 'sentence')
@@ -142,7 +137,6 @@ def pair_example_fn(data_config: Any, *, train: bool):
   """Image and one of its captions (random in training, the first in eval)."""
   options = augment_lib.AugmentOptions.from_config(data_config)
 
-  @_plain_tf
   def fn(example: Features, seed: tf.Tensor) -> Features:
     seed_augment, seed_caption = tf.unstack(tf.random.split(seed, 2))
     features, captions = _augment_image(example['image'], example['captions'], seed_augment,
@@ -156,7 +150,6 @@ def pair_example_fn(data_config: Any, *, train: bool):
 
 def pair_batch_fn(data_config: Any, tokenizer: pipeline.Tokenizer):
   """Encoder text ([CLS] caption [SEP]) and decoder text ([BOS] caption / caption [EOS])."""
-  @_plain_tf
   def fn(batch: Features, seed: tf.Tensor) -> Features:
     del seed
     batch = dict(batch)
@@ -193,7 +186,6 @@ def gallery_example_fn(data_config: Any, captions_per_image: int):
   """Eval image and its first `captions_per_image` captions (padded with '')."""
   options = augment_lib.AugmentOptions.from_config(data_config)
 
-  @_plain_tf
   def fn(example: Features, seed: tf.Tensor) -> Features:
     features, captions = _augment_image(example['image'], example['captions'], seed, options,
                                         train=False)
@@ -207,7 +199,6 @@ def gallery_example_fn(data_config: Any, captions_per_image: int):
 
 def gallery_batch_fn(data_config: Any, tokenizer: pipeline.Tokenizer):
   """Encoder text of every caption slot: text_ids / text_mask [b, C, L]."""
-  @_plain_tf
   def fn(batch: Features, seed: tf.Tensor) -> Features:
     del seed
     batch = dict(batch)
@@ -242,7 +233,6 @@ def make_detection_iterator(data_config: Any, tokenizer: pipeline.Tokenizer, *, 
   image), the frame official detection results are given in."""
   pretrain_fn = pipeline.pretrain_example_fn(data_config, train=False)
 
-  @_plain_tf
   def example_fn(example: Features, seed: tf.Tensor) -> Features:
     features = dict(pretrain_fn(example, seed))
     features['original_size'] = tf.shape(example['image'])[:2]
