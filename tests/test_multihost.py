@@ -115,6 +115,8 @@ def test_process_zero_writes_metrics_and_hosts_agree_on_eval(runs):
   data = shared / 'checkpoints' / '2' / 'data'
   assert sorted(f for f in os.listdir(data) if f.endswith('.bin')) == [
       'process_0.bin', 'process_1.bin']
+  # Process 0 stored the compiled step in the shared workdir's cache, for a restart to load.
+  assert any(f.startswith('jit_step-') for f in os.listdir(shared / 'compilation_cache'))
   # Both hosts ran the (padded) evaluation to the end and agree on its global metrics.
   evals = [{k: v for k, v in h['last'].items() if k.startswith('eval/')} for h in hosts]
   assert evals[0] and evals[0] == evals[1]
