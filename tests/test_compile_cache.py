@@ -130,6 +130,24 @@ def test_an_entry_is_read_once(no_process_cache, tmp_path, monkeypatch):
     assert json.load(f) == entries(directory)
 
 
+def test_a_cache_that_cannot_be_written_is_still_read(no_process_cache, tmp_path, monkeypatch,
+                                                     compiler_logs):
+  """A read-only cache (another user's run, a read-only mount): the check cannot record
+  anything, the run goes on and loads the entries."""
+  directory = str(tmp_path / 'cache')
+  with compile_cache.persistent(directory):
+    compile_program(scale=6.0)
+
+  def read_only(self, *args, **kwargs):
+    raise PermissionError(f'[Errno 30] Read-only file system: {self}')
+
+  monkeypatch.setattr(compile_cache.epath.Path, 'write_text', read_only)
+  with compile_cache.persistent(directory):
+    compile_program(scale=6.0)
+  assert 'they are used unchecked' in compiler_logs.text
+  assert 'Persistent compilation cache hit' in compiler_logs.text
+
+
 def test_jax_alone_keeps_an_entry_cut_short(no_process_cache, tmp_path):
   """Why `persistent` checks the entries: jax reads a cut entry as an error every time and
   never replaces it (its cache skips keys that exist)."""

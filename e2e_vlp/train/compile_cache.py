@@ -98,7 +98,12 @@ def persistent(directory: str) -> Iterator[str]:
     yield current or ''
     return
   if jax.process_index() == 0:
-    dropped = drop_unreadable_entries(directory)
+    try:
+      dropped = drop_unreadable_entries(directory)
+    except OSError as error:  # e.g. a read-only cache: jax still reads it (and warns on writes)
+      logging.warning('Could not check the compilation cache entries in %s (%s); they are '
+                      'used unchecked.', directory, error)
+      dropped = []
     if dropped:
       logging.warning('Deleted %d unreadable compilation cache entries in %s (a write cut '
                       'short?); their programs compile again: %s', len(dropped), directory,
