@@ -14,6 +14,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from e2e_vlp.train import compile_cache
+from test_training_runs import persistent_compilation_cache
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +31,8 @@ def cache_everything():
 @pytest.fixture
 def no_process_cache():
   """The process starts without a cache directory (another module may have set one)."""
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir', None)
-  jax_cache.reset_cache()
-  try:
+  with persistent_compilation_cache(None):
     yield
-  finally:
-    jax.config.update('jax_compilation_cache_dir', previous)
-    jax_cache.reset_cache()
 
 
 @pytest.fixture
