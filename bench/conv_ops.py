@@ -5,8 +5,8 @@ ResNet's distinct 3x3 and stem convolutions at a DETR shape, forward, input grad
 kernel gradient, compiled with XLA's own convolution (`config.train.cpu_ynn_fusion_types`
 'individual_dot') and with YNNPACK's ('individual_dot,individual_convolution'), against
 `torch.nn.functional.conv2d` and its autograd gradients on the same data. Which library is
-faster depends on the convolution's size, which is why `tiny` and `base` set that option
-apart. The 1x1 convs are matrix products in `base` (`pointwise_conv='dot'`), not here.
+faster depends on the convolution's size and on the CPU (README, "Convolutions by XLA").
+The 1x1 convs are matrix products in `base` (`pointwise_conv='dot'`), not here.
 
 Each row checks that the three agree (relative error of the result) before timing them.
 

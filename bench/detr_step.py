@@ -21,9 +21,8 @@ faster on CPU ('CPU stem': `config.model.backbone.stem_conv='row_fold'`,
 1x1 convs as matrix products (`pointwise_conv='dot'`, the `base` config's) or as XLA
 convolutions ('1x1 as conv', to show what 'dot' saves), and which operations XLA:CPU hands to
 YNNPACK (`config.train.cpu_ynn_fusion_types`; each shape takes the setting of the config
-whose backbone it resembles, `DetrShape.cpu_ynn_fusion_types`: r50 `base`'s dots,
-convolutions and reductions, tiny `tiny`'s dots and reductions; the other rows name theirs,
-'YNNPACK off' none),
+whose backbone it resembles, `DetrShape.cpu_ynn_fusion_types`: today both configs' dots and
+reductions; the other rows name theirs, 'YNNPACK off' none),
 and the backbone's ReLU outputs
 made to be stored once (`relu='materialized'`, the `base` config's) or left to XLA to
 recompute inside the kernel gradients' transposes ('ReLU plain'), and the AdamW update
@@ -78,8 +77,8 @@ class DetrShape:
   image: int  # square side in pixels
   boxes: int  # real boxes per image
   # The pre-training config whose backbone this shape resembles; the step takes its
-  # train.cpu_ynn_fusion_types: YNNPACK's convolutions are faster at ResNet-50's widths
-  # (`base`), XLA's at tiny's.
+  # train.cpu_ynn_fusion_types (the same in both configs today; they differed while
+  # YNNPACK's convolutions looked faster at ResNet-50's widths, README).
   like_config: str = 'base'
 
   @property

@@ -12,7 +12,8 @@ compilation without slowing the step; `tiny` keeps XLA's default), and with the 
 stem in the other form (`config.model.backbone.stem_conv` / `max_pool`: both configs use
 XLA's own convolution and max-pool, the row the forms XLA runs faster on CPU), and with
 reductions left to XLA's own kernels instead of YNNPACK's (`config.train.cpu_ynn_fusion_types`
-without 'reduce'). Each such setting is also timed in paired rounds against the first row
+without 'reduce'), and `base` with its convolutions in the other library (YNNPACK's or
+XLA's, 'individual_convolution'). Each such setting is also timed in paired rounds against the first row
 of its config (`common.paired_ratio`, alternating which runs first): the rows themselves are
 timed one after another, each in the load of its own minutes.
 
@@ -213,6 +214,12 @@ def settings_for(quick: bool, variants: tuple[str, ...]) -> list[Setting]:
       if 'reduce' in kinds:
         out.append(dataclasses.replace(SETTINGS[v], ynn_fusion_types=','.join(
             kind for kind in kinds if kind != 'reduce')))
+      # The convolutions in the other library, at ResNet-50's widths, where the faster one
+      # has depended on the CPU (README "Convolutions by XLA").
+      if v == 'base':
+        toggled = ([k for k in kinds if k != 'individual_convolution']
+                   if 'individual_convolution' in kinds else kinds + ['individual_convolution'])
+        out.append(dataclasses.replace(SETTINGS[v], ynn_fusion_types=','.join(toggled)))
   if not quick and 'base' in variants:  # the faster matcher on CPU (bench/matcher.py)
     out.append(dataclasses.replace(SETTINGS['base'], matcher='scipy'))
   return out

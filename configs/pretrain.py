@@ -248,14 +248,14 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   t.cpu_backend_optimization_level = -1 if variant == 'tiny' else 1
   # Which XLA:CPU operations run as YNNPACK library calls in the train step, on the CPU
   # backend only: comma-separated from e2e_vlp.train.state.YNN_FUSION_TYPES; '' none;
-  # 'default' XLA's choice (dots, convolutions and reductions in jax 0.10). Which
-  # convolutions are faster depends on their size (README "Benchmarks"): YNNPACK's at
-  # ResNet-50's widths (kernel gradients up to 1.7x faster; base's step ~4% faster), XLA's at
-  # tiny's narrow basic blocks (the tiny-shaped DETR step 1.4x slower with YNNPACK's).
-  # Reductions always: XLA's own split a sum into reduce-windows that ran 7-11x slower (the
-  # gradient norm at r50: 79 vs 7 ms), tiny's step 0.86x and base's 0.95x with YNNPACK's.
-  t.cpu_ynn_fusion_types = ('individual_dot,reduce' if variant == 'tiny'
-                            else 'individual_dot,individual_convolution,reduce')
+  # 'default' XLA's choice (dots, convolutions and reductions in jax 0.10). Dots and
+  # reductions always: XLA's own reductions split a sum into reduce-windows that ran 7-11x
+  # slower (the gradient norm at r50: 79 vs 7 ms; tiny's step 0.86x and base's 0.95x with
+  # YNNPACK's). Convolutions stay with XLA: which library is faster depends on the CPU and
+  # the width (README "Convolutions by XLA"): YNNPACK's made base's step 0.956x on an AMD
+  # EPYC but 1.057x on an Intel Xeon, the r50 DETR step 0.976x and ~1.16x, and the
+  # tiny-shaped DETR step 1.42x on the EPYC. XLA's lose at most ~5% on those.
+  t.cpu_ynn_fusion_types = 'individual_dot,reduce'
 
   config.init_from = ''  # a checkpoint dir: load matching parameters, report the rest
   config.workdir = ''  # '' -> workdirs/<task>_<variant>

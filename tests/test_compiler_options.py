@@ -36,8 +36,8 @@ def inputs():
 @pytest.mark.parametrize('kinds, conv_in_ynn, dot_in_ynn, sum_in_ynn', [
     ('default', True, True, True),  # XLA's choice in jax 0.10: all three
     ('individual_dot', False, True, False),
-    ('individual_dot,reduce', False, True, True),  # tiny's setting
-    ('individual_dot,individual_convolution,reduce', True, True, True),  # base's setting
+    ('individual_dot,reduce', False, True, True),  # both configs' setting
+    ('individual_dot,individual_convolution,reduce', True, True, True),
     ('', False, False, False),
 ])
 def test_ynn_fusion_types_choose_the_kernels_and_keep_the_numbers(inputs, kinds, conv_in_ynn,
@@ -61,7 +61,6 @@ def test_options_apply_on_cpu_only():
   assert state_lib.compiler_options(train, 'cpu') == {
       'xla_backend_optimization_level': 1,
       'xla_cpu_experimental_ynn_fusion_type':
-          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,'
-          'LIBRARY_FUSION_TYPE_REDUCE'}
+          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
   train.update(cpu_backend_optimization_level=-1, cpu_ynn_fusion_types='default')
   assert state_lib.compiler_options(train, 'cpu') is None
