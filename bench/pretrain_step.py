@@ -13,9 +13,9 @@ stem in the other form (`config.model.backbone.stem_conv` / `max_pool`: both con
 XLA's own convolution and max-pool, the row the forms XLA runs faster on CPU), and with
 reductions left to XLA's own kernels instead of YNNPACK's (`config.train.cpu_ynn_fusion_types`
 without 'reduce'), and `base` with its convolutions in the other library (YNNPACK's or
-XLA's, 'individual_convolution'). Each such setting is also timed in paired rounds against the first row
-of its config (`common.paired_ratio`, alternating which runs first): the rows themselves are
-timed one after another, each in the load of its own minutes.
+XLA's, 'individual_convolution'). Each such setting is also timed in paired rounds against
+the first row of its config (`common.paired_ratio`, alternating which runs first): the rows
+themselves are timed one after another, each in the load of its own minutes.
 
 `base` runs at a reduced canvas and batch on CPU (see SETTINGS); the model is the paper's.
 
