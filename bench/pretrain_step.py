@@ -216,9 +216,9 @@ def settings_for(quick: bool, variants: tuple[str, ...]) -> list[Setting]:
             kind for kind in kinds if kind != 'reduce')))
       # The convolutions in the other library, at ResNet-50's widths, where the faster one
       # has depended on the CPU (README "Convolutions by XLA").
-      if v == 'base':
-        toggled = ([k for k in kinds if k != 'individual_convolution']
-                   if 'individual_convolution' in kinds else kinds + ['individual_convolution'])
+      if config.model.backbone.block == 'bottleneck':
+        conv = 'individual_convolution'
+        toggled = [k for k in kinds if k != conv] + ([] if conv in kinds else [conv])
         out.append(dataclasses.replace(SETTINGS[v], ynn_fusion_types=','.join(toggled)))
   if not quick and 'base' in variants:  # the faster matcher on CPU (bench/matcher.py)
     out.append(dataclasses.replace(SETTINGS['base'], matcher='scipy'))
